@@ -1,0 +1,5 @@
+"""`python -m fastlaunch ...` is the same as the `fastlaunch` command."""
+from .cli import run
+
+if __name__ == "__main__":
+    run()

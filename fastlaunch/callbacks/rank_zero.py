@@ -1,0 +1,22 @@
+"""Console output on rank 0 only: other ranks keep no progress bar and print no epoch table."""
+from __future__ import annotations
+
+from fastai.callback.core import Callback
+from fastai.callback.progress import ProgressCallback
+from fastcore.basics import noop
+
+from ..comm import is_rank_zero
+
+__all__ = ["RankZeroOutput"]
+
+
+class RankZeroOutput(Callback):
+    """On ranks other than 0, silences the Learner's logger and removes its progress bar."""
+
+    order = ProgressCallback.order - 1
+
+    def after_create(self):
+        # Not `self.run`: fastai resets run to True after every fit.
+        if not is_rank_zero():
+            self.learn.logger = noop
+            self.learn.remove_cbs(ProgressCallback)

@@ -1,0 +1,102 @@
+"""Collectives for fastlaunch: called on every rank, no-ops at world size 1, process group started lazily."""
+from __future__ import annotations
+
+import functools
+from datetime import timedelta
+from typing import Any, Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .env import DistEnv
+
+__all__ = ["current_env", "is_rank_zero", "rank_zero_only", "ensure_process_group", "barrier",
+           "broadcast_object", "gather_to_rank_zero", "all_reduce_sum", "shutdown",
+           "install_init_guard", "PG_TIMEOUT"]
+
+PG_TIMEOUT = timedelta(minutes=30)
+F = TypeVar("F", bound=Callable[..., Any])
+_original_init = dist.init_process_group
+
+
+@functools.lru_cache(maxsize=1)
+def current_env() -> DistEnv:
+    """This process's DistEnv, read once."""
+    return DistEnv.from_environ()
+
+
+def is_rank_zero() -> bool:
+    """True on global rank 0 (and in a single process)."""
+    return current_env().rank == 0
+
+
+def rank_zero_only(fn: F) -> F:
+    """Run fn on rank 0 only; other ranks get None."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs) if is_rank_zero() else None
+    return wrapper  # type: ignore[return-value]
+
+
+def ensure_process_group(denv: DistEnv | None = None) -> bool:
+    """Start the process group on first need (nccl on GPUs, gloo on CPU); True when distributed."""
+    denv = denv or current_env()
+    if not denv.is_distributed:
+        return False
+    if dist.is_initialized():
+        return True
+    kwargs: dict[str, Any] = {"backend": denv.backend, "timeout": PG_TIMEOUT}
+    if denv.device_type == "cuda":
+        kwargs["device_id"] = torch.device("cuda", denv.local_rank)
+    _original_init(**kwargs)
+    return True
+
+
+def install_init_guard() -> None:
+    """A script's own init_process_group reuses a group fastlaunch already started: never init twice."""
+    @functools.wraps(_original_init)
+    def init_process_group(*args, **kwargs):
+        if dist.is_initialized():
+            return None
+        kwargs.setdefault("timeout", PG_TIMEOUT)
+        return _original_init(*args, **kwargs)
+
+    dist.init_process_group = init_process_group
+
+
+def barrier() -> None:
+    """Wait for every rank."""
+    if ensure_process_group():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank src's obj on every rank."""
+    if not ensure_process_group():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_to_rank_zero(obj: Any) -> list[Any] | None:
+    """Every rank's obj, in rank order, on rank 0; None elsewhere."""
+    if not ensure_process_group():
+        return [obj]
+    denv = current_env()
+    out = [None] * denv.world_size if denv.rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place and return it."""
+    if ensure_process_group():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def shutdown() -> None:
+    """Destroy the process group if one was started (by fastlaunch or the script)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

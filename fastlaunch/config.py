@@ -1,0 +1,81 @@
+"""LaunchConfig: the typed, frozen result of parsing the command line, and its worker environment."""
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from .errors import UsageError
+
+__all__ = ["Precision", "LaunchConfig", "ENV_PREFIX"]
+
+ENV_PREFIX = "FASTLAUNCH_"
+
+
+class Precision(str, enum.Enum):
+    """Training precision asked of the launcher."""
+
+    NO = "no"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+    @classmethod
+    def parse(cls, value: object) -> "Precision":
+        """Parse a flag value, or raise a UsageError naming the valid choices."""
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            raise UsageError("unknown --precision", value, "use one of: no, fp16, bf16") from None
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Everything the engine needs to start one node's ranks."""
+
+    script: Path
+    script_args: tuple[str, ...]
+    nproc_per_node: int
+    device: str  # "cuda" or "cpu"
+    run_dir: Path | None
+    seed: int
+    precision: Precision = Precision.NO
+    port: int | None = None
+    max_restarts: int = 0
+    verbose: bool = False
+    cpus_per_rank: int = 1
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def world_size(self) -> int:
+        """Total ranks of the job (one node for now)."""
+        return self.nproc_per_node
+
+    def to_env(self, base: Mapping[str, str] | None = None, launcher_pid: int | None = None) -> dict[str, str]:
+        """Environment variables every worker gets on top of the launcher's own."""
+        base = os.environ if base is None else base
+        env = {
+            f"{ENV_PREFIX}LAUNCHER_PID": str(launcher_pid or os.getpid()),
+            f"{ENV_PREFIX}RUN_DIR": str(self.run_dir),
+            f"{ENV_PREFIX}SEED": str(self.seed),
+            f"{ENV_PREFIX}DEVICE": self.device,
+            f"{ENV_PREFIX}PRECISION": self.precision.value,
+            f"{ENV_PREFIX}CPUS_PER_RANK": str(self.cpus_per_rank),
+            "PYTHONUNBUFFERED": "1",  # rank 0's output reaches the console as it comes
+        }
+        if "PYTHONHASHSEED" not in base:  # set and dict orders (vocabularies, splits) agree across ranks
+            env["PYTHONHASHSEED"] = str(self.seed)
+        if "OMP_NUM_THREADS" not in base:
+            env["OMP_NUM_THREADS"] = str(self.cpus_per_rank)
+        if self.device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks never touch a GPU, even where there are some
+        return env
+
+    def as_dict(self) -> dict:
+        """Plain data for launch.yaml."""
+        d = asdict(self)
+        d["script"], d["run_dir"] = str(self.script), str(self.run_dir) if self.run_dir else None
+        d["script_args"], d["notes"] = list(self.script_args), list(self.notes)
+        d["precision"] = self.precision.value
+        return d

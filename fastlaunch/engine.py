@@ -1,0 +1,122 @@
+"""LaunchConfig -> torch elastic agent -> exit status, with rank 0 on the console and a failure summary."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+import uuid
+from typing import Iterator, Mapping
+
+from .config import LaunchConfig
+from .logs import ConsoleFollower, RankLogsSpecs, tail_lines
+
+__all__ = ["launch", "elastic_config", "worker_args"]
+
+_TAIL_LINES = 40
+
+
+def worker_args(config: LaunchConfig) -> list[str]:
+    """Arguments after the interpreter for every rank: the bootstrap, then the script's argv unchanged."""
+    return ["-m", "fastlaunch.worker", str(config.script), *config.script_args]
+
+
+def elastic_config(config: LaunchConfig, logs_specs: RankLogsSpecs):
+    """The engine's own LaunchConfig for one node: c10d rendezvous on the loopback address."""
+    from torch.distributed.launcher.api import LaunchConfig as ElasticConfig
+
+    return ElasticConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=config.nproc_per_node,
+        run_id=f"fastlaunch-{uuid.uuid4().hex[:12]}",
+        role="rank",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{config.port or 0}",  # port 0: the store binds a free port itself
+        rdzv_configs={"is_host": True},
+        max_restarts=config.max_restarts,
+        monitor_interval=0.1,
+        logs_specs=logs_specs,
+        local_addr="127.0.0.1",
+    )
+
+
+@contextlib.contextmanager
+def _environ(extra: Mapping[str, str]) -> Iterator[None]:
+    """Workers inherit the agent's environment: set the launcher's variables for the launch only."""
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _quiet_engine(verbose: bool) -> None:
+    """The engine's own INFO/WARNING chatter stays off the console unless --verbose."""
+    level = logging.INFO if verbose else logging.CRITICAL
+    for name in ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run"):
+        logging.getLogger(name).setLevel(level)
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="fastlaunch(engine): %(message)s")
+
+
+def _exit_status(exitcode: int) -> int:
+    """A worker's exit code as a shell status: signals become 128 + signal number."""
+    return 128 - exitcode if exitcode < 0 else (exitcode or 1)
+
+
+def _summarize_failure(err, logs_specs: RankLogsSpecs, console_rank: int) -> int:
+    """Name the failing rank, its error and log, and show the tail of its log; return the exit status."""
+    failures = err.failures  # global rank -> ProcessFailure
+    # A rank with a recorded Python error is a cause; a rank killed by a signal with no record may be a victim.
+    ordered = sorted(failures.items(), key=lambda kv: (kv[1].error_file_data == {}, kv[1].timestamp, kv[0]))
+    rank, failure = ordered[0]
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    first_line = str(message).strip().splitlines()[-1] if str(message).strip() else ""
+    log = logs_specs.log_path(rank)
+    out = sys.stderr
+    print(f"fastlaunch: rank {rank} failed (exit code {failure.exitcode}): {first_line}", file=out)
+    if rank != console_rank and log is not None:
+        print(f"fastlaunch: last lines of {log}:", file=out)
+        for line in tail_lines(log, _TAIL_LINES):
+            print(f"  {line}", file=out)
+    others = [r for r in failures if r != rank]
+    if others:
+        print(f"fastlaunch: also failed: rank {', '.join(map(str, sorted(others)))}", file=out)
+    print(f"fastlaunch: logs: {logs_specs.log_dir}", file=out)
+    return _exit_status(failure.exitcode)
+
+
+def launch(config: LaunchConfig) -> int:
+    """Start the ranks through the elastic agent; return the job's exit status."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    for note in config.notes:
+        print(note, file=sys.stderr, flush=True)
+    print(f"fastlaunch: {config.nproc_per_node} rank{'s' if config.nproc_per_node > 1 else ''} on "
+          f"{config.device}, run dir {config.run_dir}", file=sys.stderr, flush=True)
+    _quiet_engine(config.verbose)
+    follower = ConsoleFollower(sys.stdout)
+    logs_specs = RankLogsSpecs(config.run_dir / "logs", console_rank=0, on_console_log=follower.follow)
+    started = time.monotonic()
+    status = 0
+    try:
+        with _environ(config.to_env()), follower:
+            elastic_launch(elastic_config(config, logs_specs), sys.executable)(*worker_args(config))
+    except ChildFailedError as err:
+        status = _summarize_failure(err, logs_specs, console_rank=0)
+    except KeyboardInterrupt:
+        print("fastlaunch: interrupted; ranks stopped", file=sys.stderr)
+        status = 130
+    if status == 0:
+        print(f"fastlaunch: done in {time.monotonic() - started:.1f}s; run dir {config.run_dir}", file=sys.stderr)
+    return status

@@ -1,0 +1,82 @@
+"""DistEnv: the one reader of the environment for distributed facts.
+
+Detectors are tried in a fixed order and the first that matches wins:
+  1. torchelastic: the engine started this process (TORCHELASTIC_RUN_ID with RANK/WORLD_SIZE);
+  2. plain env:// variables (RANK and WORLD_SIZE set by some other launcher);
+  3. a single process: rank 0 of 1.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from .config import ENV_PREFIX
+
+__all__ = ["DistEnv"]
+
+
+def _int(environ: Mapping[str, str], key: str, default: int) -> int:
+    value = environ.get(key, "")
+    return int(value) if value.strip() else default
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands in the job, and what the launcher asked of it."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+    source: str = "single"  # which detector matched
+    device_type: str = "cpu"  # "cuda" or "cpu"
+    seed: int | None = None
+    precision: str = "no"
+    cpus_per_rank: int | None = None
+    run_dir: Path | None = None
+    restart_count: int = 0
+
+    @property
+    def is_distributed(self) -> bool:
+        """True when more than one rank takes part."""
+        return self.world_size > 1
+
+    @property
+    def under_fastlaunch(self) -> bool:
+        """True when the fastlaunch launcher started this process."""
+        return self.run_dir is not None
+
+    @property
+    def backend(self) -> str:
+        """Process group backend for this rank's device."""
+        return "nccl" if self.device_type == "cuda" else "gloo"
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> "DistEnv":
+        """Detect the environment; tests pass a dict."""
+        environ = os.environ if environ is None else environ
+        launcher = dict(
+            device_type=environ.get(f"{ENV_PREFIX}DEVICE", "cpu") or "cpu",
+            seed=_int(environ, f"{ENV_PREFIX}SEED", -1) if environ.get(f"{ENV_PREFIX}SEED") else None,
+            precision=environ.get(f"{ENV_PREFIX}PRECISION", "no") or "no",
+            cpus_per_rank=_int(environ, f"{ENV_PREFIX}CPUS_PER_RANK", 0) or None,
+            run_dir=Path(environ[f"{ENV_PREFIX}RUN_DIR"]) if environ.get(f"{ENV_PREFIX}RUN_DIR") else None,
+        )
+        # 1 and 2 read the same variables: torchelastic sets the env:// set and more.
+        if "RANK" in environ and "WORLD_SIZE" in environ:
+            return cls(
+                rank=_int(environ, "RANK", 0),
+                local_rank=_int(environ, "LOCAL_RANK", 0),
+                world_size=_int(environ, "WORLD_SIZE", 1),
+                local_world_size=_int(environ, "LOCAL_WORLD_SIZE", 1),
+                master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+                master_port=_int(environ, "MASTER_PORT", 0),
+                source="torchelastic" if "TORCHELASTIC_RUN_ID" in environ else "env",
+                restart_count=_int(environ, "TORCHELASTIC_RESTART_COUNT", 0),
+                **launcher,
+            )
+        return cls(**launcher)

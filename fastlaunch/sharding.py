@@ -1,0 +1,116 @@
+"""ShardedDL: one rank's share of a fastai DataLoader, with len() equal to the batches it yields.
+
+Replaces fastai's DistributedDL, which calls .cuda() (no CPU ranks), reports a len() that ignores
+drop_last per rank (one-cycle never finishes its schedule), and rebuilds a plain torch DataLoader
+without its collate_fn, sampler or worker_init_fn.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import torch
+from fastai.data.core import TfmdDL
+from fastai.data.load import DataLoader, _FakeLoader
+from torch.utils.data import BatchSampler, IterableDataset, RandomSampler, SequentialSampler, get_worker_info
+
+from .errors import UsageError
+
+__all__ = ["ShardedDL", "shard_indices", "shard_sizes"]
+
+_instances = itertools.count()  # the same sequence on every rank: every rank wraps the same loaders
+
+
+def shard_sizes(n: int, world: int, bs: int, drop_last: bool) -> tuple[int, int]:
+    """(items per rank, padding items added overall) for n items."""
+    if drop_last:  # every rank gets the same whole number of full batches
+        return (n // (bs * world)) * bs, 0
+    per_rank = math.ceil(n / world)
+    return per_rank, per_rank * world - n
+
+
+def shard_indices(idxs: list, rank: int, world: int, bs: int, drop_last: bool) -> list:
+    """This rank's indices: trim (drop_last) or pad by wrapping around, then interleave across ranks."""
+    per_rank, pad = shard_sizes(len(idxs), world, bs, drop_last)
+    if drop_last:
+        idxs = idxs[: per_rank * world]
+    elif pad:
+        idxs = idxs + (idxs * math.ceil(pad / max(len(idxs), 1)))[:pad]
+    return idxs[rank::world]
+
+
+def _from_torch(dl: torch.utils.data.DataLoader) -> DataLoader:
+    """A fastai DataLoader equivalent to a plain torch one, keeping its collate_fn and worker_init_fn."""
+    if isinstance(dl.dataset, IterableDataset):
+        raise UsageError("an IterableDataset cannot be sharded across ranks", type(dl.dataset).__name__,
+                         "use a map-style Dataset (with __len__ and __getitem__), or shard the stream yourself")
+    if type(dl.sampler) not in (SequentialSampler, RandomSampler) or type(dl.batch_sampler) is not BatchSampler:
+        raise UsageError("a custom sampler cannot be sharded across ranks",
+                         type(dl.sampler).__name__, "use shuffle=True/False instead of a sampler under fastlaunch")
+    user_wif = dl.worker_init_fn
+    kwargs = {}
+    if user_wif is not None:
+        kwargs["wif"] = lambda: user_wif(get_worker_info().id)
+    return DataLoader(dataset=dl.dataset, bs=dl.batch_size, num_workers=dl.num_workers, pin_memory=dl.pin_memory,
+                      timeout=dl.timeout, shuffle=isinstance(dl.sampler, RandomSampler), drop_last=dl.drop_last,
+                      persistent_workers=dl.persistent_workers, create_batch=dl.collate_fn, **kwargs)
+
+
+class ShardedDL(TfmdDL):
+    """Wraps a DataLoader; every epoch all ranks agree on one shuffled order and each takes its share."""
+
+    def __init__(self, dl, rank: int | None = None, world_size: int | None = None, device=None,
+                 seed: int | None = None):
+        from .comm import broadcast_object, current_env
+
+        denv = current_env()
+        rank = denv.rank if rank is None else rank
+        world_size = denv.world_size if world_size is None else world_size
+        if isinstance(dl, torch.utils.data.DataLoader):
+            dl = _from_torch(dl)
+        if dl.n is None:
+            raise UsageError("a DataLoader of unknown length cannot be sharded", type(dl.dataset).__name__,
+                             "give the dataset a __len__")
+        if seed is None:  # agreed without a collective when the launcher chose a seed
+            seed = (denv.seed * 1_000_003 + next(_instances)) if denv.seed is not None else \
+                broadcast_object(random.getrandbits(31))
+        self.dl, self.rank, self.world_size, self.seed, self.epoch = dl, rank, world_size, seed, 0
+        self.bs = dl.bs or 1
+        self.drop_last, self.dataset, self.num_workers = dl.drop_last, dl.dataset, dl.num_workers
+        self.offs, self.pin_memory, self.indexed = dl.offs, dl.pin_memory, dl.indexed
+        self.shuffle = dl.shuffle
+        self.n, self.n_pad = shard_sizes(dl.n, world_size, self.bs, self.drop_last)
+        self.device = dl.device if device is None else device
+        if device is not None:
+            dl.to(device)
+        fake = dl.fake_l
+        self.fake_l = _FakeLoader(self, fake.pin_memory, fake.num_workers, fake.timeout,
+                                  persistent_workers=fake.persistent_workers,
+                                  pin_memory_device=fake.pin_memory_device)
+
+    def real_count(self) -> int:
+        """Items of this rank's shard that are not padding (for whole-set evaluation)."""
+        padded_ranks = range(self.world_size - self.n_pad, self.world_size)
+        return self.n - (1 if self.rank in padded_ranks else 0)
+
+    def get_idxs(self):
+        self.dl.rng = random.Random(self.seed + self.epoch)  # the same order on every rank, new each epoch
+        self.epoch += 1
+        return shard_indices(list(self.dl.get_idxs()), self.rank, self.world_size, self.bs, self.drop_last)
+
+    def to(self, device):
+        self.device = device
+        self.dl.to(device)
+
+    @property
+    def n_inp(self): return self.dl.n_inp
+
+    def randomize(self): self.dl.randomize()
+    def before_iter(self): self.dl.before_iter()
+    def after_batch(self, b): return self.dl.after_batch(b)
+    def after_iter(self): self.dl.after_iter()
+    def create_batches(self, samps): return self.dl.create_batches(samps)
+    def decode(self, b): return self.dl.decode(b)
+    def decode_batch(self, b, max_n: int = 9, full: bool = True): return self.dl.decode_batch(b, max_n, full)
+    def new(self, *args, **kwargs): return self.dl.new(*args, **kwargs)

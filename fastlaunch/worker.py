@@ -1,0 +1,125 @@
+"""Per-rank bootstrap: `python -m fastlaunch.worker SCRIPT ARGS...`, started by the engine on every rank."""
+from __future__ import annotations
+
+import os
+import sys
+
+if os.environ.get("FASTLAUNCH_RUN_DIR"):
+    # The engine opened stdout and stderr on the same log file: share one offset so neither overwrites.
+    os.dup2(1, 2)
+
+import ctypes  # noqa: E402
+import random  # noqa: E402
+import runpy  # noqa: E402
+import signal  # noqa: E402
+import traceback  # noqa: E402
+import warnings  # noqa: E402
+
+__all__ = ["main", "seed_everything", "arm_parent_death"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def arm_parent_death(expected_parent: int | None) -> None:
+    """Die with the launcher, even on SIGKILL; re-armed in forked children (DataLoader workers)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def _arm():
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    _arm()
+    os.register_at_fork(after_in_child=_arm)  # a fork clears the parent-death signal
+    if expected_parent and os.getppid() != expected_parent:  # the launcher died before we armed
+        os._exit(1)
+
+
+def seed_everything(seed: int) -> None:
+    """The same seed for python, numpy and torch on every rank, before the script runs."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _record_failure(exc: BaseException) -> None:
+    """Write the engine's error file so the launcher can name this rank's exception."""
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(exc)
+    except Exception:
+        pass
+
+
+def _exit_code(code: object) -> int:
+    """SystemExit's code as an exit status."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _run_script(script: str, args: list[str]) -> int:
+    """Run the user's script as __main__ with its own argv; return its exit status."""
+    from .errors import UsageError
+
+    sys.argv = [script, *args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exc:
+        return _exit_code(exc.code)
+    except UsageError as exc:  # a mistake the user made (e.g. an unshardable DataLoader): one line
+        print(exc, file=sys.stderr)
+        _record_failure(exc)
+        return exc.exit_code
+    except BaseException as exc:
+        traceback.print_exc()
+        _record_failure(exc)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Bootstrap this rank, run the script, tear down; return the script's status."""
+    argv = sys.argv[1:] if argv is None else argv
+    from . import comm
+    from .device import rank_device
+
+    denv = comm.current_env()
+    launcher_pid = os.environ.get("FASTLAUNCH_LAUNCHER_PID")
+    arm_parent_death(int(launcher_pid) if launcher_pid else None)
+    rank_device(denv.device_type, denv.local_rank)  # fastai's default_device() is now this rank's GPU
+    if denv.seed is not None:
+        seed_everything(denv.seed)
+    comm.install_init_guard()
+    # fastai's import trips torch's jit deprecation warning on every rank: noise, not the user's concern.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
+    try:
+        import fastai  # noqa: F401
+    except ImportError:
+        pass  # a plain torch script: nothing to integrate
+    else:
+        from .integrate import install
+
+        install()
+    status = 1
+    try:
+        status = _run_script(argv[0], argv[1:])
+    finally:
+        try:
+            comm.shutdown()  # without this a gloo rank can exit by SIGABRT after an uncaught exception
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
