@@ -12,7 +12,7 @@ from typing import Iterator, Mapping
 from .config import LaunchConfig
 from .logs import ConsoleFollower, RankLogsSpecs, tail_lines
 
-__all__ = ["launch", "elastic_config", "worker_args"]
+__all__ = ["launch", "elastic_config", "worker_args", "root_cause"]
 
 _TAIL_LINES = 40
 
@@ -71,26 +71,57 @@ def _exit_status(exitcode: int) -> int:
     return 128 - exitcode if exitcode < 0 else (exitcode or 1)
 
 
-def _summarize_failure(err, logs_specs: RankLogsSpecs, console_rank: int) -> int:
-    """Name the failing rank, its error and log, and show the tail of its log; return the exit status."""
-    failures = err.failures  # global rank -> ProcessFailure
-    # A rank with a recorded Python error is a cause; a rank killed by a signal with no record may be a victim.
-    ordered = sorted(failures.items(), key=lambda kv: (kv[1].error_file_data == {}, kv[1].timestamp, kv[0]))
-    rank, failure = ordered[0]
+# Errors a rank sees because another rank died first: consequences, never the root cause.
+_CONSEQUENCE_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                        "communicator was aborted", "DistNetworkError", "Socket Timeout", "timed out")
+
+
+def _message(failure) -> str:
+    """A failure's recorded message on one line."""
     message = failure.message
     if isinstance(message, dict):
         message = message.get("message", "")
-    first_line = str(message).strip().splitlines()[-1] if str(message).strip() else ""
+    return " ".join(str(message).split())
+
+
+def _callstack(failure) -> str:
+    """The Python traceback a rank recorded in its error file, if any."""
+    message = failure.error_file_data.get("message") if isinstance(failure.error_file_data, dict) else None
+    if isinstance(message, dict):
+        return str(message.get("extraInfo", {}).get("py_callstack", ""))
+    return ""
+
+
+def root_cause(failures: dict) -> int:
+    """The global rank that failed first for its own reasons (a recorded error that is not a peer's echo)."""
+    def key(item):
+        rank, failure = item
+        text = _message(failure)
+        return (any(m in text for m in _CONSEQUENCE_MARKERS), failure.error_file_data == {}, failure.timestamp, rank)
+    return min(failures.items(), key=key)[0]
+
+
+def _summarize_failure(err, logs_specs: RankLogsSpecs, console_rank: int) -> int:
+    """Name the failing rank, its error and log, and show the tail of its log; return the exit status."""
+    failures = err.failures  # global rank -> ProcessFailure
+    rank = root_cause(failures)
+    failure = failures[rank]
     log = logs_specs.log_path(rank)
     out = sys.stderr
-    print(f"fastlaunch: rank {rank} failed (exit code {failure.exitcode}): {first_line}", file=out)
-    if rank != console_rank and log is not None:
-        print(f"fastlaunch: last lines of {log}:", file=out)
-        for line in tail_lines(log, _TAIL_LINES):
+    print(f"fastlaunch: rank {rank} failed (exit code {failure.exitcode}): {_message(failure)}", file=out)
+    if rank != console_rank:  # rank 0's own output already reached the console
+        stack = _callstack(failure)
+        if stack:
+            print(f"fastlaunch: rank {rank}'s traceback:", file=out)
+            lines = stack.rstrip().splitlines()
+        else:
+            print(f"fastlaunch: last lines of {log}:", file=out)
+            lines = tail_lines(log, _TAIL_LINES) if log is not None else []
+        for line in lines:
             print(f"  {line}", file=out)
-    others = [r for r in failures if r != rank]
-    if others:
-        print(f"fastlaunch: also failed: rank {', '.join(map(str, sorted(others)))}", file=out)
+    for other in sorted(r for r in failures if r != rank):
+        print(f"fastlaunch: rank {other} stopped too (exit code {failures[other].exitcode}): "
+              f"{_message(failures[other])[:160]}", file=out)
     print(f"fastlaunch: logs: {logs_specs.log_dir}", file=out)
     return _exit_status(failure.exitcode)
 

@@ -1,0 +1,25 @@
+# One venv for everything; `make demo` and `make test` create and fill it when missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install demo test clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job on its embedded default: the minimal template on generated data.
+# Every visible GPU, or 2 CPU ranks (with a line saying why) where there is none.
+demo: $(STAMP)
+	cd templates/minimal && ../../$(BIN)/fastlaunch train.py --epochs 3
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs templates/minimal/runs

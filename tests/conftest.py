@@ -1,0 +1,39 @@
+"""Shared helpers: run fastlaunch as a user would, in a subprocess, and read what the ranks wrote."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+
+def run_fastlaunch(args, cwd, env=None, timeout=180) -> subprocess.CompletedProcess:
+    """`python -m fastlaunch ARGS` in cwd; stdout is the console (rank 0), stderr the launcher's lines."""
+    full_env = {k: v for k, v in os.environ.items()
+                if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC", "FASTLAUNCH_"))}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "fastlaunch", *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_ranks(out_dir: Path, world: int) -> list[dict]:
+    """rank<R>.json written by each rank of a test script."""
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def only_run_dir(cwd: Path) -> Path:
+    """The single run directory a launch created under cwd/runs."""
+    runs = sorted((cwd / "runs").iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+@pytest.fixture
+def scripts() -> Path:
+    return SCRIPTS
