@@ -1,0 +1,69 @@
+"""Per-rank log files, the console follower, the engine's config and the failure's root cause."""
+from __future__ import annotations
+
+import io
+import time
+import types
+from pathlib import Path
+
+from fastlaunch.config import LaunchConfig
+from fastlaunch.engine import elastic_config, root_cause, worker_args
+from fastlaunch.logs import ConsoleFollower, RankLogsSpecs, tail_lines
+
+
+def test_logs_per_global_rank_and_attempt(tmp_path):
+    followed = []
+    specs = RankLogsSpecs(tmp_path / "logs", console_rank=0, on_console_log=followed.append)
+    envs = {0: {"RANK": "2", "TORCHELASTIC_RESTART_COUNT": "0"}, 1: {"RANK": "0", "TORCHELASTIC_RESTART_COUNT": "0"}}
+    dest = specs.reify(envs)
+    assert dest.stdouts[0] == dest.stderrs[0] == str(tmp_path / "logs" / "rank2.log")
+    assert envs[1]["TORCHELASTIC_ERROR_FILE"] == str(tmp_path / "logs" / "rank0.error.json")
+    assert followed == [tmp_path / "logs" / "rank0.log"]
+    again = specs.reify({0: {"RANK": "0", "TORCHELASTIC_RESTART_COUNT": "1"}})
+    assert again.stdouts[0].endswith("rank0.attempt1.log")
+    assert specs.log_path(0) == tmp_path / "logs" / "rank0.attempt1.log"
+    assert followed[-1].name == "rank0.attempt1.log"
+
+
+def test_console_follower_copies_bytes_as_written_and_switches_files(tmp_path):
+    out = io.TextIOWrapper(io.BytesIO(), write_through=True)
+    first, second = tmp_path / "a.log", tmp_path / "b.log"
+    with ConsoleFollower(out, interval=0.01) as follower:
+        follower.follow(first)
+        first.write_bytes(b"epoch 1\r50%\rdone\n")
+        time.sleep(0.2)
+        follower.follow(second)
+        second.write_bytes(b"attempt 2\n")
+        time.sleep(0.2)
+    out.flush()
+    assert out.buffer.getvalue() == b"epoch 1\r50%\rdone\nattempt 2\n"
+
+
+def test_tail_lines_folds_progress_bars(tmp_path):
+    log = tmp_path / "r.log"
+    log.write_text("a\nb\r10%\r100%\nc\n")
+    assert tail_lines(log, 2) == ["100%", "c"]
+    assert tail_lines(tmp_path / "missing", 3) == []
+
+
+def _failure(exitcode, message, timestamp):
+    data = {"message": {"message": message, "extraInfo": {"py_callstack": "tb", "timestamp": str(timestamp)}}} \
+        if message else {}
+    return types.SimpleNamespace(exitcode=exitcode, message=message, error_file_data=data, timestamp=timestamp)
+
+
+def test_root_cause_ignores_peer_closed_echoes_even_when_earlier():
+    failures = {0: _failure(1, "RuntimeError: [pair.cc:561] Connection closed by peer [127.0.0.1]:1", 100),
+                1: _failure(1, "ValueError: boom", 100),
+                2: _failure(-15, "", 99)}
+    assert root_cause(failures) == 1
+    assert root_cause({2: _failure(-9, "", 5), 3: _failure(-15, "", 4)}) == 3
+
+
+def test_engine_config_one_node_loopback(tmp_path):
+    cfg = LaunchConfig(script=Path("/s/train.py"), script_args=("--x", ""), nproc_per_node=3, device="cpu",
+                       run_dir=tmp_path, seed=0, max_restarts=2)
+    ec = elastic_config(cfg, RankLogsSpecs(tmp_path))
+    assert (ec.min_nodes, ec.max_nodes, ec.nproc_per_node, ec.max_restarts) == (1, 1, 3, 2)
+    assert ec.rdzv_backend == "c10d" and ec.rdzv_endpoint == "127.0.0.1:0"
+    assert worker_args(cfg) == ["-m", "fastlaunch.worker", "/s/train.py", "--x", ""]
