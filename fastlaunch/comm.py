@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from datetime import timedelta
 from typing import Any, Callable, TypeVar
 
@@ -11,10 +12,11 @@ import torch.distributed as dist
 from .env import DistEnv
 
 __all__ = ["current_env", "is_rank_zero", "rank_zero_only", "ensure_process_group", "barrier",
-           "broadcast_object", "gather_to_rank_zero", "all_reduce_sum", "shutdown",
-           "install_init_guard", "PG_TIMEOUT"]
+           "broadcast_object", "gather_to_rank_zero", "all_gather_object", "all_reduce_sum", "shutdown",
+           "install_init_guard", "local_rank_zero_first", "PG_TIMEOUT"]
 
 PG_TIMEOUT = timedelta(minutes=30)
+STORE_WAIT = timedelta(hours=4)
 F = TypeVar("F", bound=Callable[..., Any])
 _original_init = dist.init_process_group
 
@@ -100,3 +102,45 @@ def shutdown() -> None:
     """Destroy the process group if one was started (by fastlaunch or the script)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's obj, in rank order, on every rank."""
+    if not ensure_process_group():
+        return [obj]
+    out: list[Any] = [None] * current_env().world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+_first_calls = itertools.count()  # the same sequence on every rank: every rank makes the same calls
+_store_client: Any = None
+
+
+def _store():
+    """A client of the job's rendezvous store (no process group needed), namespaced per attempt."""
+    global _store_client
+    if _store_client is None:
+        denv = current_env()
+        base = dist.TCPStore(denv.master_addr, denv.master_port, is_master=False, timeout=STORE_WAIT)
+        _store_client = dist.PrefixStore(f"fastlaunch/attempt{denv.restart_count}/", base)
+    return _store_client
+
+
+def local_rank_zero_first(fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """Run fn on each node's local rank 0 first; the node's other ranks wait on the store, then run it.
+
+    The wait is on the store with a long timeout, not a process group barrier (whose timeout is short
+    and which would start the group): downloads and extractions can take an hour.
+    """
+    denv = current_env()
+    if denv.local_world_size <= 1 or not denv.master_port:
+        return fn(*args, **kwargs)
+    key = f"first/node{denv.node_rank}/{next(_first_calls)}"
+    if denv.local_rank == 0:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _store().set(key, "done")  # also on failure: the others then try, and fail, on their own
+    _store().wait([key], STORE_WAIT)
+    return fn(*args, **kwargs)

@@ -30,6 +30,7 @@ class DistEnv:
     local_rank: int = 0
     world_size: int = 1
     local_world_size: int = 1
+    node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 0
     source: str = "single"  # which detector matched
@@ -73,6 +74,7 @@ class DistEnv:
                 local_rank=_int(environ, "LOCAL_RANK", 0),
                 world_size=_int(environ, "WORLD_SIZE", 1),
                 local_world_size=_int(environ, "LOCAL_WORLD_SIZE", 1),
+                node_rank=_int(environ, "GROUP_RANK", 0),
                 master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
                 master_port=_int(environ, "MASTER_PORT", 0),
                 source="torchelastic" if "TORCHELASTIC_RUN_ID" in environ else "env",

@@ -1,7 +1,12 @@
 """fastlaunch's fastai callbacks, registered on every Learner through fastai.learner.defaults.callbacks."""
+from .agreement import AgreedStop
+from .metrics import WholeSetMetrics
 from .placement import DistributedFit, FastlaunchDDP
+from .precision import DevicePrecision, LauncherPrecision
 from .rank_zero import RankZeroOutput
+from .recorder import RecorderSync
 
-__all__ = ["DistributedFit", "FastlaunchDDP", "RankZeroOutput", "CALLBACKS"]
+__all__ = ["AgreedStop", "WholeSetMetrics", "DistributedFit", "FastlaunchDDP", "DevicePrecision",
+           "LauncherPrecision", "RankZeroOutput", "RecorderSync", "CALLBACKS"]
 
-CALLBACKS = (DistributedFit, RankZeroOutput)
+CALLBACKS = (DistributedFit, RankZeroOutput, RecorderSync, WholeSetMetrics, AgreedStop, LauncherPrecision)

@@ -7,6 +7,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..comm import current_env, ensure_process_group
 from ..device import rank_device
 from ..sharding import ShardedDL
+from .agreement import StopState, flag_bucket_hook
 
 __all__ = ["DistributedFit", "FastlaunchDDP", "in_real_fit"]
 
@@ -61,10 +62,14 @@ class DistributedFit(Callback):
         # DDP broadcasts rank 0's parameters and buffers at construction: every rank starts identical.
         self.learn.model = FastlaunchDDP(self.learn.model,
                                          device_ids=[denv.local_rank] if denv.device_type == "cuda" else None)
+        state = StopState(device)
+        self.learn.model.register_comm_hook(state, flag_bucket_hook)  # stop flags ride on the gradients
+        state.active = True
+        self.learn._fastlaunch_stop = state
 
     def after_fit(self):
         if not self._wrapped:
             return
         self.learn.model = self.learn.model.module
-        self.learn.dls.loaders = self._old_loaders
+        self.learn.dls.loaders = self._old_loaders  # the stop state stays until AgreedStop's after_fit
         self._old_loaders, self._wrapped = None, False

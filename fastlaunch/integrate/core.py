@@ -1,24 +1,19 @@
-"""fastai integration: fastlaunch's callbacks on every Learner, and the one home of every fastai patch.
-
-Each patch fixes one named defect of fastai's own distributed path and is installed once per worker.
-"""
+"""Patches to fastai's fit and distributed path: marking real fits, export, distrib_ctx, DistributedDL,
+maybe_gather, distrib_barrier, and routing cancels through the agreed stop."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import sys
 from typing import Any
 
-from fastcore.basics import defaults
+from ..comm import barrier
 
-from .comm import barrier, current_env
-
-__all__ = ["install", "PATCHES", "fastlaunch_callbacks"]
-
-_installed = False
+__all__ = ["replace_everywhere", "fastlaunch_callbacks", "CORE_PATCHES"]
 
 
-def _replace_everywhere(name: str, original: Any, replacement: Any) -> None:
+def replace_everywhere(name: str, original: Any, replacement: Any) -> None:
     """Rebind a function in every loaded fastai module that star-imported it."""
     for mod_name, module in list(sys.modules.items()):
         if mod_name.split(".")[0] == "fastai" and getattr(module, name, None) is original:
@@ -26,15 +21,13 @@ def _replace_everywhere(name: str, original: Any, replacement: Any) -> None:
 
 
 def fastlaunch_callbacks(learn) -> list:
-    """fastlaunch's callbacks present on a Learner."""
-    from .callbacks import CALLBACKS
-
-    return [cb for cb in learn.cbs if isinstance(cb, CALLBACKS)]
+    """Callbacks of fastlaunch's own classes on a Learner."""
+    return [cb for cb in learn.cbs if type(cb).__module__.startswith("fastlaunch.")]
 
 
 def _ensure_callbacks(learn) -> None:
     """Learners that skipped __init__ (load_learner) get fastlaunch's callbacks before their first fit."""
-    from .callbacks import CALLBACKS
+    from ..callbacks import CALLBACKS
 
     for cls in CALLBACKS:
         if not any(isinstance(cb, cls) for cb in learn.cbs):
@@ -61,6 +54,19 @@ def patch_fit_marks_real_fits() -> None:
     Learner.fit = fit
 
 
+def _as_fastai_class(cb):
+    """A copy of cb as the fastai class it extends, or None when it extends none worth keeping."""
+    from fastai.callback.fp16 import AMPMode
+    from ..callbacks.precision import DevicePrecision
+
+    if not isinstance(cb, DevicePrecision):
+        return None
+    stand_in = copy.copy(cb)
+    stand_in.__class__ = DevicePrecision.__mro__[1]  # fastai's MixedPrecision
+    stand_in.amp_mode = AMPMode(cb.amp_mode)
+    return stand_in
+
+
 def patch_export_without_fastlaunch() -> None:
     """learn.export would pickle fastlaunch's callbacks: an exported model must load without fastlaunch."""
     from fastai.learner import Learner
@@ -70,10 +76,14 @@ def patch_export_without_fastlaunch() -> None:
     @functools.wraps(original)
     def export(self, *args, **kwargs):
         ours = fastlaunch_callbacks(self)
+        # A device-aware MixedPrecision is exported as fastai's own, so the file loads without fastlaunch.
+        stand_ins = [_as_fastai_class(cb) for cb in ours if _as_fastai_class(cb) is not None]
         self.remove_cbs(ours)
+        self.add_cbs(stand_ins)
         try:
             return original(self, *args, **kwargs)
         finally:
+            self.remove_cbs(stand_ins)
             self.add_cbs(ours)
 
     Learner.export = export
@@ -99,9 +109,9 @@ def patch_distributed_dl() -> None:
     """fastai's DistributedDL calls .cuda() and miscounts len(): a script naming it gets ShardedDL."""
     import fastai.distributed as fd
 
-    from .sharding import ShardedDL
+    from ..sharding import ShardedDL
 
-    _replace_everywhere("DistributedDL", fd.DistributedDL, ShardedDL)
+    replace_everywhere("DistributedDL", fd.DistributedDL, ShardedDL)
 
 
 def patch_maybe_gather_local() -> None:
@@ -111,7 +121,7 @@ def patch_maybe_gather_local() -> None:
 
     def maybe_gather(x, axis=0): return x
 
-    _replace_everywhere("maybe_gather", tc.maybe_gather, maybe_gather)
+    replace_everywhere("maybe_gather", tc.maybe_gather, maybe_gather)
 
 
 def patch_barrier_starts_group() -> None:
@@ -121,30 +131,38 @@ def patch_barrier_starts_group() -> None:
 
     def distrib_barrier(): barrier()
 
-    _replace_everywhere("distrib_barrier", tc.distrib_barrier, distrib_barrier)
+    replace_everywhere("distrib_barrier", tc.distrib_barrier, distrib_barrier)
 
 
-PATCHES = (patch_fit_marks_real_fits, patch_export_without_fastlaunch, patch_distributed_ctx_noop,
-           patch_distributed_dl, patch_maybe_gather_local, patch_barrier_starts_group)
+def patch_cancels_are_agreed() -> None:
+    """A CancelFit/Epoch/TrainException raised on one rank would unwind that rank alone and leave the
+    others in the next all-reduce forever: during a distributed fit it becomes a stop request that
+    every rank acts on at the same batch (see callbacks/agreement.py)."""
+    from fastai.callback.core import event
+    from fastai.learner import Learner
+
+    from ..callbacks.agreement import ROUTED, stop_state
+
+    original = Learner._call_one
+    passthrough = {"after_fit", "after_cancel_fit", "after_cancel_epoch", "after_cancel_train", "after_create"}
+
+    def _call_one(self, event_name):
+        state = stop_state(self)
+        if state is None or event_name in passthrough:
+            return original(self, event_name)
+        if not hasattr(event, event_name):
+            raise Exception(f"missing {event_name}")
+        for cb in self.cbs.sorted("order"):
+            try:
+                cb(event_name)
+            except ROUTED as exc:
+                if getattr(exc, "agreed", False):
+                    raise
+                state.request(type(exc))  # the other callbacks of this event still run, as on every rank
+
+    Learner._call_one = _call_one
 
 
-def install() -> None:
-    """Register fastlaunch's callbacks on fastai's defaults and apply every patch (once)."""
-    global _installed
-    if _installed:
-        return
-    denv = current_env()
-    if denv.cpus_per_rank:
-        defaults.cpus = denv.cpus_per_rank  # DataLoader workers: the rank's share of cores, not every core
-    import fastai.basics  # noqa: F401  (learner, data, callbacks: what the patches rebind)
-    import fastai.distributed  # noqa: F401
-    from fastai.learner import defaults as fastai_defaults
-
-    from .callbacks import CALLBACKS
-
-    for patch in PATCHES:
-        patch()
-    for cls in CALLBACKS:
-        if cls not in fastai_defaults.callbacks:
-            fastai_defaults.callbacks.append(cls)
-    _installed = True
+CORE_PATCHES = (patch_fit_marks_real_fits, patch_export_without_fastlaunch, patch_distributed_ctx_noop,
+                patch_distributed_dl, patch_maybe_gather_local, patch_barrier_starts_group,
+                patch_cancels_are_agreed)

@@ -1,0 +1,135 @@
+"""Agreed stops: a cancel raised on one rank stops every rank at the same batch, with no extra collective.
+
+fastai's cancel exceptions (CancelFit/Epoch/Train) raised by any callback on any rank are held as a
+request instead of unwinding that rank alone (which would leave the others waiting in the next
+all-reduce forever). The request travels to the other ranks inside a collective that happens anyway:
+  - every training step: three extra numbers appended to DDP's last gradient bucket (a comm hook);
+  - at the end of training and of validation: the epoch-end reductions of the recorder and metrics;
+  - at the end of each epoch (after the trackers): one small all_reduce per epoch.
+Every rank reads the same summed flags at the same point and raises the same exception there.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from fastai.callback.core import (Callback, CancelEpochException, CancelFitException,
+                                  CancelTrainException)
+
+__all__ = ["StopState", "AgreedStop", "flag_bucket_hook", "ROUTED", "stop_state"]
+
+# Most severe first: a request for a bigger stop wins when several are pending.
+ROUTED = (CancelFitException, CancelEpochException, CancelTrainException)
+_all_reduce = dist.all_reduce  # captured once: DDP's own traffic, not counted as fastlaunch collectives
+
+
+class StopState:
+    """This rank's pending stop requests, and the flags last received from all ranks."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pending = [0, 0, 0]  # per ROUTED class
+        self.active = False
+        self._received: torch.Tensor | None = None
+        self._in_flight: tuple[torch.Tensor, object] | None = None
+
+    def request(self, exc_type: type) -> None:
+        """Hold a cancel raised on this rank until every rank can act on it."""
+        for i, cls in enumerate(ROUTED):
+            if issubclass(exc_type, cls):
+                self.pending[i] = 1
+                return
+
+    def outgoing(self, dtype=torch.float32) -> torch.Tensor:
+        """The flags to add to a collective this rank takes part in anyway."""
+        return torch.tensor(self.pending, dtype=dtype, device=self.device)
+
+    def receive(self, summed: torch.Tensor) -> None:
+        """Keep the summed flags from the last gradient all-reduce (read after backward)."""
+        self._received = summed
+
+    def take_received(self) -> list[float] | None:
+        """The flags carried by a backward, the same on every rank at the same step.
+
+        On CPU they are read at once. On a GPU, reading them now would block the host until the
+        all-reduce finishes (a sync per step), so they are copied without blocking and read one step
+        later: every rank still acts at the same step, one batch after the request.
+        """
+        received, self._received = self._received, None
+        if received is None:
+            return None
+        if received.device.type != "cuda":
+            return received.tolist()
+        previous, event = self._in_flight or (None, None)
+        host = received.to("cpu", non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._in_flight = (host, done)
+        if previous is None:
+            return None
+        event.synchronize()  # recorded a whole step ago: already complete in practice
+        return previous.tolist()
+
+    def agree(self, summed: list[float], allowed: tuple[type, ...] = ROUTED) -> None:
+        """Raise, on every rank alike, the most severe stop any rank asked for (if allowed here)."""
+        self.pending = [0, 0, 0]
+        for flag, cls in zip(summed, ROUTED):
+            if flag > 0 and cls in allowed:
+                exc = cls()
+                exc.agreed = True  # raised by agreement: not intercepted again
+                raise exc
+
+
+def stop_state(learn) -> StopState | None:
+    """The StopState of a Learner in a distributed fit, else None."""
+    state = getattr(learn, "_fastlaunch_stop", None)
+    return state if state is not None and state.active else None
+
+
+def flag_bucket_hook(state: StopState, bucket) -> torch.futures.Future:
+    """DDP comm hook: average the gradients; on the last bucket, sum the stop flags alongside."""
+    world = dist.get_world_size()
+    buffer = bucket.buffer()
+    if not bucket.is_last():
+        fut = _all_reduce(buffer.div_(world), async_op=True).get_future()
+        return fut.then(lambda f: f.value()[0])
+    packed = torch.cat([buffer.div(world), state.outgoing(buffer.dtype)])
+    fut = _all_reduce(packed, async_op=True).get_future()
+
+    def unpack(f):
+        out = f.value()[0]
+        state.receive(out[-len(ROUTED):])
+        return out[: -len(ROUTED)]
+
+    return fut.then(unpack)
+
+
+# DDP checks the hook's annotations as objects; this module's postponed annotations are strings.
+flag_bucket_hook.__annotations__.update(bucket=dist.GradBucket, state=StopState,
+                                        **{"return": torch.futures.Future[torch.Tensor]})
+
+
+class AgreedStop(Callback):
+    """Acts on agreed flags after each backward, and once per epoch after the trackers have spoken."""
+
+    order = 200  # after EarlyStopping, SaveModelCallback and every other tracker
+
+    def after_backward(self):
+        state = stop_state(self.learn)
+        if state is not None:
+            flags = state.take_received()
+            if flags is not None:
+                state.agree(flags)
+
+    def after_epoch(self):
+        state = stop_state(self.learn)
+        if state is None:
+            return
+        flags = state.outgoing()
+        dist.all_reduce(flags)
+        state.agree(flags.tolist(), allowed=(CancelFitException,))  # nothing but a fit stop is left here
+
+    def after_fit(self):
+        state = getattr(self.learn, "_fastlaunch_stop", None)
+        if state is not None:
+            state.active = False
+            self.learn._fastlaunch_stop = None

@@ -1,0 +1,70 @@
+"""Mixed precision on the rank's own device: fastai's MixedPrecision hard-codes autocast('cuda').
+
+Rule: a script's own to_fp16()/to_bf16() wins over `--precision`; a conflict is reported once on
+rank 0; a Learner never carries two MixedPrecision callbacks.
+"""
+from __future__ import annotations
+
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.fp16 import AMPMode, MixedPrecision
+from fastcore.foundation import L
+
+from ..comm import current_env, is_rank_zero
+from ..errors import UsageError
+
+__all__ = ["DevicePrecision", "LauncherPrecision", "use_script_precision", "bf16_check"]
+
+
+def bf16_check(device_type: str, supported=None) -> None:
+    """bf16 asked on a GPU without bf16 support: a clear error before any training."""
+    if device_type != "cuda":
+        return
+    ok = torch.cuda.is_bf16_supported() if supported is None else supported
+    if not ok:
+        raise UsageError("this GPU does not support bf16", torch.cuda.get_device_name(),
+                         "use --precision fp16 (or to_fp16() in the script) on this GPU")
+
+
+class DevicePrecision(MixedPrecision):
+    """fastai's MixedPrecision with autocast and GradScaler for the device the model is on."""
+
+    @property
+    def name(self):
+        return "mixed_precision"  # where fastai looks for it (load_learner, to_fp32)
+
+    def before_fit(self):
+        param = next(self.learn.model.parameters(), None)
+        device_type = param.device.type if param is not None else "cpu"
+        bf16 = AMPMode(self.amp_mode) == AMPMode.BF16
+        if bf16:
+            bf16_check(device_type)
+        dtype = torch.bfloat16 if bf16 else torch.float16
+        self.kwargs["enabled"] = dtype == torch.float16  # bf16 has fp32's range: no scaler needed
+        self.autocast = torch.autocast(device_type, dtype=dtype)
+        self.learn.scaler = torch.amp.GradScaler(device_type, **self.kwargs)
+        self.scales = L()
+
+
+def _precision_of(cb) -> str:
+    return AMPMode(cb.amp_mode).value
+
+
+def use_script_precision(learn, cb: MixedPrecision):
+    """The script asked for a precision: it replaces any other, and a differing --precision is reported."""
+    asked = current_env().precision
+    if asked not in ("no", _precision_of(cb)) and is_rank_zero():
+        print(f"fastlaunch: the script sets {_precision_of(cb)} itself and --precision {asked} was given: "
+              f"the script's {_precision_of(cb)} is used", flush=True)
+    learn.remove_cbs([c for c in learn.cbs if isinstance(c, MixedPrecision)])
+    learn.add_cb(cb)
+    return learn
+
+
+class LauncherPrecision(Callback):
+    """Gives every Learner the launcher's --precision, unless the script chose one itself."""
+
+    def after_create(self):
+        asked = current_env().precision
+        if asked != "no" and not any(isinstance(c, MixedPrecision) for c in self.learn.cbs):
+            self.learn.add_cb(DevicePrecision(amp_mode=AMPMode(asked)))

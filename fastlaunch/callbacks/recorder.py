@@ -1,0 +1,62 @@
+"""Recorder sync: learn.recorder is identical on every rank, with no collective per batch.
+
+The smoothed training loss stays local while batches run (fastai would all_gather it every batch).
+An exponential moving average of equal-count streams averages exactly, so once per epoch, before
+Recorder logs the epoch and before the trackers decide anything, the epoch's smoothed losses are
+averaged over ranks in one all_reduce, together with averaging train metrics and the stop flags.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from fastai.callback.core import Callback, CancelEpochException, CancelFitException
+from fastai.learner import Recorder
+
+from .agreement import stop_state
+
+__all__ = ["RecorderSync"]
+
+
+class RecorderSync(Callback):
+    """Averages the recorder's smoothed losses (and summable train metrics) across ranks per epoch."""
+
+    order = Recorder.order - 1  # before Recorder.after_train logs the epoch's train loss
+
+    def before_fit(self):
+        self._synced = 0
+
+    def _sync(self, state, with_metrics: bool) -> list[float]:
+        """One all_reduce: this epoch's smoothed losses, the running average, metric sums, stop flags."""
+        rec = self.learn.recorder
+        tail = rec.losses[self._synced:]
+        mets = [m for m in rec._train_mets[1:] if hasattr(m, "total") and hasattr(m, "count")] \
+            if with_metrics else []
+        parts = [torch.stack([torch.as_tensor(v, dtype=torch.float32).cpu() for v in tail]) if tail
+                 else torch.empty(0), torch.as_tensor(rec.smooth_loss.val, dtype=torch.float32).reshape(1).cpu()]
+        parts += [torch.tensor([float(m.total), float(m.count)]) for m in mets]
+        parts.append(state.outgoing().cpu())
+        packed = torch.cat(parts).to(state.device)
+        dist.all_reduce(packed)
+        packed = packed.cpu()
+        world = dist.get_world_size()
+        n = len(tail)
+        rec.losses[self._synced:] = list((packed[:n] / world).unbind()) if n else []
+        rec.smooth_loss.val = packed[n] / world
+        for i, met in enumerate(mets):
+            met.total, met.count = packed[n + 1 + 2 * i], packed[n + 2 + 2 * i]
+        self._synced = len(rec.losses)
+        if n:
+            self.learn.smooth_loss = rec.smooth_loss.value
+        return packed[-3:].tolist()
+
+    def after_train(self):
+        state = stop_state(self.learn)
+        if state is not None:
+            flags = self._sync(state, with_metrics=True)
+            state.agree(flags, allowed=(CancelFitException, CancelEpochException))
+
+    def after_fit(self):
+        # Also after a cancel (lr_find ends by cancelling): the losses since the last epoch's sync.
+        state = stop_state(self.learn)
+        if state is not None and hasattr(self.learn, "recorder") and len(self.learn.recorder.losses) > self._synced:
+            self._sync(state, with_metrics=False)
