@@ -7,14 +7,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import LaunchConfig, Precision
-from .device import GpuProbe, probe_gpus, usable_cores
+from .device import GpuProbe, bf16_supported, probe_gpus, usable_cores
 from .errors import UsageError
 
 __all__ = ["main", "run", "split_argv", "build_config", "HELP"]
 
 # Launcher flags that take a value, and those that do not. Everything after the script is the script's.
 _VALUE_FLAGS = ("--gpus", "--cpu", "--precision", "--run-dir", "--port", "--max-restarts", "--seed")
-_BOOL_FLAGS = ("--verbose",)
+_BOOL_FLAGS = ("--verbose", "--keep-global-batch")
 _HELP_FLAGS = ("-h", "--help")
 
 HELP = """\
@@ -32,6 +32,8 @@ launcher flags (before SCRIPT):
   --port P              rendezvous port on 127.0.0.1 (default: a free one)
   --max-restarts K      restart the ranks up to K times after a failure (default 0)
   --seed S              seed for python, numpy and torch on every rank (default: random, recorded)
+  --keep-global-batch   divide the script's batch size by the ranks, so bs stays the global batch
+                        (default: bs per rank, global batch = bs x ranks)
   --verbose             show the engine's own log lines
   -h, --help            show this help
 
@@ -81,7 +83,7 @@ def _parse_flags(tokens: list[str]) -> dict:
     parsed: dict = {}
 
     def _options(gpus="auto", cpu=None, precision="no", run_dir=None, port=None,
-                 max_restarts=0, seed=None, verbose=False):
+                 max_restarts=0, seed=None, verbose=False, keep_global_batch=False):
         parsed.update(locals())
 
     fire.Fire(_options, command=tokens, name="fastlaunch")
@@ -128,6 +130,7 @@ def _ranks(opts: dict, probe: Callable[[], GpuProbe], cores: int) -> tuple[int, 
 
 def build_config(tokens: list[str], script: str, script_args: list[str], *,
                  probe: Callable[[], GpuProbe] = probe_gpus, cores: int | None = None,
+                 bf16_probe: Callable[[], bool] = bf16_supported,
                  run_dir: Path | None = None) -> LaunchConfig:
     """Validate the launcher's tokens and the script; no side effects but the GPU probe."""
     opts = _parse_flags(tokens)
@@ -144,11 +147,15 @@ def build_config(tokens: list[str], script: str, script_args: list[str], *,
     seed = secrets.randbelow(2**31) if opts["seed"] is None else _count("--seed", opts["seed"], 0)
     cores = usable_cores() if cores is None else cores
     nproc, device, notes = _ranks(opts, probe, cores)
+    if precision is Precision.BF16 and device == "cuda" and not bf16_probe():
+        raise UsageError("--precision bf16 on GPUs without bf16 support", "--precision bf16",
+                         "use --precision fp16 on these GPUs")
     chosen_dir = run_dir if run_dir is not None else (Path(str(opts["run_dir"])) if opts["run_dir"] else None)
     return LaunchConfig(
         script=path.resolve(), script_args=tuple(script_args), nproc_per_node=nproc, device=device,
         run_dir=chosen_dir.resolve() if chosen_dir else None, seed=seed, precision=precision, port=port,
         max_restarts=max_restarts, verbose=bool(opts["verbose"]), cpus_per_rank=max(1, cores // nproc),
+        keep_global_batch=bool(opts["keep_global_batch"]),
         notes=tuple(notes),
     )
 

@@ -45,6 +45,7 @@ class LaunchConfig:
     max_restarts: int = 0
     verbose: bool = False
     cpus_per_rank: int = 1
+    keep_global_batch: bool = False
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -62,6 +63,7 @@ class LaunchConfig:
             f"{ENV_PREFIX}DEVICE": self.device,
             f"{ENV_PREFIX}PRECISION": self.precision.value,
             f"{ENV_PREFIX}CPUS_PER_RANK": str(self.cpus_per_rank),
+            f"{ENV_PREFIX}KEEP_GLOBAL_BATCH": "1" if self.keep_global_batch else "0",
             "PYTHONUNBUFFERED": "1",  # rank 0's output reaches the console as it comes
         }
         if "PYTHONHASHSEED" not in base:  # set and dict orders (vocabularies, splits) agree across ranks

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-__all__ = ["GpuProbe", "probe_gpus", "usable_cores", "rank_device"]
+__all__ = ["GpuProbe", "probe_gpus", "bf16_supported", "usable_cores", "rank_device"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,16 @@ def probe_gpus(environ: Mapping[str, str] | None = None, torch_mod: Any = None, 
         return GpuProbe(0, f"the driver sees {driver_count} GPU(s) but torch (CUDA {cuda_version}) cannot use them"
                            f"{': ' + error if error else ''}; the driver may be older than CUDA {cuda_version} needs")
     return GpuProbe(0, "the NVIDIA driver reports no GPU")
+
+
+def bf16_supported(torch_mod: Any = None) -> bool:
+    """Whether every visible GPU supports bf16 (asked only when GPUs and bf16 are both in play)."""
+    if torch_mod is None:
+        import torch as torch_mod
+    try:
+        return all(torch_mod.cuda.get_device_capability(i)[0] >= 8 for i in range(torch_mod.cuda.device_count()))
+    except Exception:
+        return False
 
 
 def usable_cores() -> int:

@@ -40,6 +40,7 @@ class DistEnv:
     cpus_per_rank: int | None = None
     run_dir: Path | None = None
     restart_count: int = 0
+    keep_global_batch: bool = False
 
     @property
     def is_distributed(self) -> bool:
@@ -66,6 +67,7 @@ class DistEnv:
             precision=environ.get(f"{ENV_PREFIX}PRECISION", "no") or "no",
             cpus_per_rank=_int(environ, f"{ENV_PREFIX}CPUS_PER_RANK", 0) or None,
             run_dir=Path(environ[f"{ENV_PREFIX}RUN_DIR"]) if environ.get(f"{ENV_PREFIX}RUN_DIR") else None,
+            keep_global_batch=environ.get(f"{ENV_PREFIX}KEEP_GLOBAL_BATCH") == "1",
         )
         # 1 and 2 read the same variables: torchelastic sets the env:// set and more.
         if "RANK" in environ and "WORLD_SIZE" in environ:

@@ -6,6 +6,7 @@ without its collate_fn, sampler or worker_init_fn.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import random
@@ -61,7 +62,7 @@ class ShardedDL(TfmdDL):
     """Wraps a DataLoader; every epoch all ranks agree on one shuffled order and each takes its share."""
 
     def __init__(self, dl, rank: int | None = None, world_size: int | None = None, device=None,
-                 seed: int | None = None):
+                 seed: int | None = None, bs: int | None = None):
         from .comm import broadcast_object, current_env
 
         denv = current_env()
@@ -69,6 +70,9 @@ class ShardedDL(TfmdDL):
         world_size = denv.world_size if world_size is None else world_size
         if isinstance(dl, torch.utils.data.DataLoader):
             dl = _from_torch(dl)
+        if bs is not None and bs != dl.bs:  # --keep-global-batch: the wrapped loader batches by bs
+            dl = copy.copy(dl)
+            dl.bs = bs
         if dl.n is None:
             raise UsageError("a DataLoader of unknown length cannot be sharded", type(dl.dataset).__name__,
                              "give the dataset a __len__")

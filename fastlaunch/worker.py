@@ -9,13 +9,12 @@ if os.environ.get("FASTLAUNCH_RUN_DIR"):
     os.dup2(1, 2)
 
 import ctypes  # noqa: E402
-import random  # noqa: E402
 import runpy  # noqa: E402
 import signal  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
 
-__all__ = ["main", "seed_everything", "arm_parent_death"]
+__all__ = ["main", "arm_parent_death"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -33,16 +32,6 @@ def arm_parent_death(expected_parent: int | None) -> None:
     os.register_at_fork(after_in_child=_arm)  # a fork clears the parent-death signal
     if expected_parent and os.getppid() != expected_parent:  # the launcher died before we armed
         os._exit(1)
-
-
-def seed_everything(seed: int) -> None:
-    """The same seed for python, numpy and torch on every rank, before the script runs."""
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _record_failure(exc: BaseException) -> None:
@@ -91,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from . import comm
     from .device import rank_device
+    from .seeding import seed_everything
 
     denv = comm.current_env()
     launcher_pid = os.environ.get("FASTLAUNCH_LAUNCHER_PID")
@@ -99,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     if denv.seed is not None:
         seed_everything(denv.seed)
     comm.install_init_guard()
+    if denv.rank != 0:
+        os.environ["WANDB_MODE"] = "disabled"  # wandb.init() in a script would open one run per rank
     # fastai's import trips torch's jit deprecation warning on every rank: noise, not the user's concern.
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
     try:

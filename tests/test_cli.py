@@ -119,3 +119,20 @@ def test_help_shows_examples(capsys):
     out = capsys.readouterr().out
     assert "fastlaunch --gpus 4 train.py" in out and "--cpu N" in out
     assert main([]) == 0
+
+
+def test_bf16_on_gpus_without_support_stops_before_launch(script):
+    with pytest.raises(UsageError) as err:
+        build_config(["--precision", "bf16"], str(script), [], probe=lambda: GpuProbe(2), cores=8,
+                     bf16_probe=lambda: False)
+    assert "bf16" in str(err.value) and "HINT: use --precision fp16" in str(err.value)
+    ok = build_config(["--precision", "bf16"], str(script), [], probe=lambda: GpuProbe(2), cores=8,
+                      bf16_probe=lambda: True)
+    assert ok.precision is Precision.BF16
+    cpu = build_config(["--cpu", "2", "--precision", "bf16"], str(script), [], cores=8, bf16_probe=lambda: False)
+    assert cpu.precision is Precision.BF16  # CPU autocast supports bf16
+
+
+def test_keep_global_batch_reaches_the_ranks(script):
+    cfg = build_config(["--cpu", "2", "--keep-global-batch"], str(script), [], cores=2)
+    assert cfg.keep_global_batch and cfg.to_env(base={})["FASTLAUNCH_KEEP_GLOBAL_BATCH"] == "1"

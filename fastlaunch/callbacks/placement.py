@@ -4,8 +4,9 @@ from __future__ import annotations
 from fastai.callback.core import Callback, TrainEvalCallback
 from torch.nn.parallel import DistributedDataParallel
 
-from ..comm import current_env, ensure_process_group
+from ..comm import current_env, ensure_process_group, is_rank_zero
 from ..device import rank_device
+from ..seeding import reseed_per_rank
 from ..sharding import ShardedDL
 from .agreement import StopState, flag_bucket_hook
 
@@ -27,6 +28,25 @@ class FastlaunchDDP(DistributedDataParallel):
     def reset(self):
         if hasattr(self.module, "reset"):
             self.module.reset()
+
+
+_said: set = set()
+
+
+def _per_rank_bs(dl, denv) -> int | None:
+    """With --keep-global-batch, each rank takes bs / world so the script's bs stays the global batch."""
+    if not denv.keep_global_batch or not getattr(dl, "bs", None):
+        return None
+    return max(1, dl.bs // denv.world_size)
+
+
+def _say_global_batch(train_dl, denv) -> None:
+    """One line on rank 0: DDP makes the global batch per-rank bs x ranks."""
+    line = (f"fastlaunch: global batch {train_dl.bs * denv.world_size} = {train_dl.bs} x {denv.world_size} ranks"
+            + (" (--keep-global-batch)" if denv.keep_global_batch else ""))
+    if line not in _said and is_rank_zero():
+        _said.add(line)
+        print(line, flush=True)
 
 
 def in_real_fit(learn) -> bool:
@@ -56,8 +76,10 @@ class DistributedFit(Callback):
             return
         ensure_process_group(denv)
         self._old_loaders = list(self.learn.dls.loaders)
-        self.learn.dls.loaders = [dl if isinstance(dl, ShardedDL) else ShardedDL(dl, device=device)
+        self.learn.dls.loaders = [dl if isinstance(dl, ShardedDL) else
+                                  ShardedDL(dl, device=device, bs=_per_rank_bs(dl, denv))
                                   for dl in self._old_loaders]
+        _say_global_batch(self.learn.dls.loaders[0], denv)
         self.learn.dls.to(device)
         # DDP broadcasts rank 0's parameters and buffers at construction: every rank starts identical.
         self.learn.model = FastlaunchDDP(self.learn.model,
@@ -66,6 +88,7 @@ class DistributedFit(Callback):
         self.learn.model.register_comm_hook(state, flag_bucket_hook)  # stop flags ride on the gradients
         state.active = True
         self.learn._fastlaunch_stop = state
+        reseed_per_rank(denv.rank)  # augmentation differs per rank; the data order is agreed by ShardedDL
 
     def after_fit(self):
         if not self._wrapped:
