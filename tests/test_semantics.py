@@ -42,6 +42,7 @@ def test_whole_set_metrics_equal_one_process_validate_and_recorders_agree(tmp_pa
     expected = json.loads((out / "validate-rank0.json").read_text())["validate"]  # 203 rows, one process
     got = r0["values"][-1][1:]  # valid_loss, accuracy, Correct (Metric subclass), AccumMetric
     assert got == pytest.approx(expected, abs=1e-4)
+    assert r0["n_preds"] == 203  # get_preds on rank 0 alone: the whole validation set, no hang
 
 
 def test_no_collective_per_batch_from_fastlaunch_or_fastai(tmp_path):
@@ -102,7 +103,7 @@ def test_csv_history_and_best_model_written_once_by_rank_zero(tmp_path):
     assert r0["weights"] == r1["weights"]  # the best model, reloaded, is the same on both ranks
 
 
-def test_untar_data_extracts_once_for_two_ranks(tmp_path):
+def test_untar_data_and_tokenizer_cache_made_once_for_two_ranks(tmp_path):
     src = tmp_path / "src" / "mydata"
     src.mkdir(parents=True)
     (src / "a.txt").write_text("a")
@@ -113,6 +114,8 @@ def test_untar_data_extracts_once_for_two_ranks(tmp_path):
     _, (r0, r1), out = _run(tmp_path, "untar", env={"FL_ARCHIVE": str(archive)})
     assert (out / "extractions.log").read_text().splitlines() == ["rank 0"]
     assert r0["files"] == r1["files"] == ["a.txt", "b.txt"]
+    assert (out / "tokenizations.log").read_text().splitlines() == ["rank 0"]  # the <path>_tok cache, once
+    assert r0["tokenized"] == r1["tokenized"] == ["a.txt", "b.txt"]
 
 
 def test_augmentation_differs_per_rank_and_global_batch_is_said(tmp_path):

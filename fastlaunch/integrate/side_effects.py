@@ -1,5 +1,5 @@
 """Patches for what a fit does besides training: lr_find's checkpoint, CSV history, best-model reload,
-mixed precision on the rank's device, and downloads run once per node."""
+mixed precision on the rank's device, and downloads and tokenizer caches made once per node."""
 from __future__ import annotations
 
 import copy
@@ -123,5 +123,16 @@ def patch_downloads_local_rank_zero_first() -> None:
     replace_everywhere("fastai_cfg", external.fastai_cfg, _first_on_node(external.fastai_cfg))
 
 
+def patch_tokenizer_cache_local_rank_zero_first() -> None:
+    """fastai writes its tokenizer cache (<path>_tok, <name>_tok.csv) from every rank at once: each node's
+    local rank 0 tokenizes first; the others then find the cache and skip it."""
+    import fastai.text.core as text_core
+
+    for name in ("_tokenize_files", "tokenize_csv"):
+        original = getattr(text_core, name)
+        replace_everywhere(name, original, _first_on_node(original))
+
+
 SIDE_EFFECT_PATCHES = (patch_lr_find_in_memory, patch_csv_logger_rank_zero, patch_save_model_reload_from_rank_zero,
-                       patch_precision_for_device, patch_downloads_local_rank_zero_first)
+                       patch_precision_for_device, patch_downloads_local_rank_zero_first,
+                       patch_tokenizer_cache_local_rank_zero_first)

@@ -128,6 +128,18 @@ elif MODE == "untar":
     fdc.untar_dir = counting_untar
     path = untar_data("file://" + os.environ["FL_ARCHIVE"], base=os.path.join(OUT, "fastai_home"))
     out["files"] = sorted(p.name for p in path.iterdir())
+    import fastai.text.core as text_core
+
+    original_tokenize = text_core.parallel_tokenize
+
+    def counting_tokenize(*args, **kwargs):
+        with open(os.path.join(OUT, "tokenizations.log"), "a") as fh:
+            fh.write(f"rank {RANK}\n")
+        return original_tokenize(*args, **kwargs)
+
+    text_core.parallel_tokenize = counting_tokenize
+    tok_dir = text_core.tokenize_folder(path, n_workers=0)
+    out["tokenized"] = sorted(p.name for p in tok_dir.iterdir() if p.suffix == ".txt")
 elif MODE == "lr_find":
     before = weights(learn.model)
     suggestion = learn.lr_find(show_plot=False)
@@ -158,5 +170,8 @@ out.update(
     calls=calls,
     train_batches=len(learn.dls.train),
 )
+if MODE == "metrics" and RANK == 0:
+    preds, _ = learn.get_preds()  # one rank alone (as WandbCallback's log_preds does): must not wait
+    out["n_preds"] = len(preds)
 with open(os.path.join(OUT, f"{MODE}-rank{RANK}.json"), "w") as fh:
     json.dump(out, fh)
