@@ -1,21 +1,19 @@
 """Command line: argv -> LaunchConfig -> engine. Nothing past this module sees raw argv."""
 from __future__ import annotations
 
-import secrets
 import sys
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-from .config import LaunchConfig, Precision
-from .device import GpuProbe, bf16_supported, probe_gpus, usable_cores
 from .errors import UsageError
+from .options import BOOL_FLAGS as _BOOL_FLAGS
+from .options import VALUE_FLAGS as _VALUE_FLAGS
+from .options import merged_options
+from .resolve import build_config
 
-__all__ = ["main", "run", "split_argv", "build_config", "HELP"]
+__all__ = ["main", "run", "split_argv", "HELP", "SUBCOMMANDS"]
 
-# Launcher flags that take a value, and those that do not. Everything after the script is the script's.
-_VALUE_FLAGS = ("--gpus", "--cpu", "--precision", "--run-dir", "--port", "--max-restarts", "--seed")
-_BOOL_FLAGS = ("--verbose", "--keep-global-batch")
 _HELP_FLAGS = ("-h", "--help")
+SUBCOMMANDS = ("slurm",)
 
 HELP = """\
 usage: fastlaunch [launcher flags] SCRIPT [script arguments...]
@@ -35,20 +33,34 @@ launcher flags (before SCRIPT):
   --keep-global-batch   divide the script's batch size by the ranks, so bs stays the global batch
                         (default: bs per rank, global batch = bs x ranks)
   --verbose             show the engine's own log lines
-  -h, --help            show this help
+  --config FILE         a YAML launch config with these flags' names as keys (flags given here win)
+  --accelerate-config FILE
+                        take ranks, machines and precision from an accelerate config
+
+several machines (run the same command on each; under srun, Slurm fills these in):
+  --nnodes N|MIN:MAX    machines in the job; MIN:MAX lets machines join and leave (elastic)
+  --node-rank K         this machine's place (0..N-1) with a fixed --nnodes; without it the
+                        rendezvous orders the machines itself (node 0 need not hold rank 0)
+  --rdzv-endpoint H:P   address of the first machine, the same on every machine
+  --rdzv-id ID          job id shared by the machines (default fastlaunch)
+
+subcommands:
+  fastlaunch slurm --nodes N --gpus G --time T [--partition P] train.py args > job.sbatch
 
 examples:
   fastlaunch --gpus 4 train.py --epochs 5 --lr 1e-3
   fastlaunch --cpu 2 train.py --epochs 5
   fastlaunch train.py
   python -m fastlaunch --cpu 2 train.py
+  fastlaunch --nnodes 2 --node-rank 0 --rdzv-endpoint 10.0.0.1:29400 --gpus 8 train.py
 
 Each run writes runs/<stamp>-<stem>/: launch.yaml (the effective configuration) and
 logs/rank<R>.log (stdout and stderr of each global rank). The console shows rank 0.
 """
 
 
-def split_argv(argv: Sequence[str]) -> tuple[list[str], str | None, list[str]]:
+def split_argv(argv: Sequence[str], value_flags: Sequence[str] = _VALUE_FLAGS,
+               bool_flags: Sequence[str] = _BOOL_FLAGS) -> tuple[list[str], str | None, list[str]]:
     """Split argv at the script path: (launcher tokens, script, script args byte for byte)."""
     launcher: list[str] = []
     i = 0
@@ -59,7 +71,7 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], str | None, list[str]]:
         if not token.startswith("-") or token == "-":
             return launcher, token, list(argv[i + 1:])
         name = token.split("=", 1)[0]
-        if name in _VALUE_FLAGS:
+        if name in value_flags:
             if "=" in token:
                 launcher.append(token)
             elif i + 1 < len(argv):
@@ -67,7 +79,7 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], str | None, list[str]]:
                 i += 1
             else:
                 raise UsageError(f"launcher flag {name} needs a value", "nothing", f"write {name} VALUE before the script")
-        elif token in _BOOL_FLAGS or token in _HELP_FLAGS:
+        elif token in bool_flags or token in _HELP_FLAGS:
             launcher.append(token)
         else:
             raise UsageError("unknown launcher flag before the script", token,
@@ -76,93 +88,13 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], str | None, list[str]]:
     return launcher, None, []
 
 
-def _parse_flags(tokens: list[str]) -> dict:
-    """Let fire turn the launcher's tokens into typed keyword values."""
-    import fire
-
-    parsed: dict = {}
-
-    def _options(gpus="auto", cpu=None, precision="no", run_dir=None, port=None,
-                 max_restarts=0, seed=None, verbose=False, keep_global_batch=False):
-        parsed.update(locals())
-
-    fire.Fire(_options, command=tokens, name="fastlaunch")
-    return parsed
-
-
-def _count(flag: str, value: object, minimum: int) -> int:
-    """An integer flag value >= minimum, or a UsageError naming the flag."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        try:
-            value = int(str(value))
-        except ValueError:
-            raise UsageError(f"{flag} takes a whole number", value, f"e.g. {flag} {max(minimum, 2)}") from None
-    if value < minimum:
-        raise UsageError(f"{flag} must be at least {minimum}", value, f"e.g. {flag} {max(minimum, 2)}")
-    return value
-
-
-def _ranks(opts: dict, probe: Callable[[], GpuProbe], cores: int) -> tuple[int, str, list[str]]:
-    """Decide (ranks per node, device type, notes) from --gpus / --cpu."""
-    gpus, cpu = opts["gpus"], opts["cpu"]
-    explicit_gpus = str(gpus).lower() != "auto"
-    if cpu is not None:
-        if explicit_gpus:
-            raise UsageError("--gpus and --cpu both given", f"--gpus {gpus} --cpu {cpu}",
-                             "use --gpus N for GPU ranks or --cpu N for CPU ranks, not both")
-        return _count("--cpu", cpu, 1), "cpu", []
-    found = probe()
-    if explicit_gpus:
-        wanted = _count("--gpus", gpus, 1)
-        if found.count < wanted:
-            why = f": {found.reason}" if found.reason else ""
-            raise UsageError("--gpus asks for more GPUs than torch can see",
-                             f"--gpus {wanted}, {found.count} visible{why}",
-                             f"use --gpus {found.count}" if found.count else "use --cpu N to run CPU ranks")
-        return wanted, "cuda", []
-    if found.count > 0:
-        return found.count, "cuda", []
-    n = 2 if cores > 1 else 1
-    note = (f"fastlaunch: no usable GPU ({found.reason}); running {n} CPU rank{'s' if n > 1 else ''} over gloo. "
-            "HINT: --gpus N requires N GPUs; --cpu N picks the CPU rank count.")
-    return n, "cpu", [note]
-
-
-def build_config(tokens: list[str], script: str, script_args: list[str], *,
-                 probe: Callable[[], GpuProbe] = probe_gpus, cores: int | None = None,
-                 bf16_probe: Callable[[], bool] = bf16_supported,
-                 run_dir: Path | None = None) -> LaunchConfig:
-    """Validate the launcher's tokens and the script; no side effects but the GPU probe."""
-    opts = _parse_flags(tokens)
-    path = Path(script)
-    if not path.exists():
-        raise UsageError("script not found", script, "check the path; the script comes after the launcher flags")
-    if not path.is_file():
-        raise UsageError("script is not a file", script, "pass a Python file such as train.py")
-    precision = Precision.parse(opts["precision"])
-    max_restarts = _count("--max-restarts", opts["max_restarts"], 0)
-    port = None if opts["port"] is None else _count("--port", opts["port"], 0)
-    if port is not None and port > 65535:
-        raise UsageError("--port is out of range", port, "use a port from 1024 to 65535, or leave it out")
-    seed = secrets.randbelow(2**31) if opts["seed"] is None else _count("--seed", opts["seed"], 0)
-    cores = usable_cores() if cores is None else cores
-    nproc, device, notes = _ranks(opts, probe, cores)
-    if precision is Precision.BF16 and device == "cuda" and not bf16_probe():
-        raise UsageError("--precision bf16 on GPUs without bf16 support", "--precision bf16",
-                         "use --precision fp16 on these GPUs")
-    chosen_dir = run_dir if run_dir is not None else (Path(str(opts["run_dir"])) if opts["run_dir"] else None)
-    return LaunchConfig(
-        script=path.resolve(), script_args=tuple(script_args), nproc_per_node=nproc, device=device,
-        run_dir=chosen_dir.resolve() if chosen_dir else None, seed=seed, precision=precision, port=port,
-        max_restarts=max_restarts, verbose=bool(opts["verbose"]), cpus_per_rank=max(1, cores // nproc),
-        keep_global_batch=bool(opts["keep_global_batch"]),
-        notes=tuple(notes),
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point callable from tests with a list; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "slurm":
+        from .cluster.slurm_command import slurm_main
+
+        return slurm_main(argv[1:])
     try:
         tokens, script, script_args = split_argv(argv)
         if any(t in _HELP_FLAGS for t in tokens) or (script is None and not tokens):
@@ -171,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if script is None:
             raise UsageError("no script given", " ".join(argv), "write the script path after the launcher flags: "
                              "fastlaunch --cpu 2 train.py")
-        config = build_config(tokens, script, script_args)
+        opts, given = merged_options(tokens)
+        config = build_config(opts, given, script, script_args)
         from .rundir import prepare_run_dir
 
         config = prepare_run_dir(config)

@@ -46,12 +46,17 @@ class LaunchConfig:
     verbose: bool = False
     cpus_per_rank: int = 1
     keep_global_batch: bool = False
+    min_nodes: int = 1
+    max_nodes: int = 1
+    node_rank: int | None = None  # None: the rendezvous orders the nodes (c10d)
+    rdzv_endpoint: str | None = None  # host:port of the first node; None on one node (loopback)
+    rdzv_id: str = "fastlaunch"
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
-    def world_size(self) -> int:
-        """Total ranks of the job (one node for now)."""
-        return self.nproc_per_node
+    def multi_node(self) -> bool:
+        """True when ranks span more than one machine (or may, under an elastic node range)."""
+        return self.max_nodes > 1
 
     def to_env(self, base: Mapping[str, str] | None = None, launcher_pid: int | None = None) -> dict[str, str]:
         """Environment variables every worker gets on top of the launcher's own."""

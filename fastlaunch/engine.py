@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -15,6 +16,10 @@ from .logs import ConsoleFollower, RankLogsSpecs, tail_lines
 __all__ = ["launch", "elastic_config", "worker_args", "root_cause"]
 
 _TAIL_LINES = 40
+# SIGUSR1 is what Slurm sends before the time limit; the engine's default list omits it, and its
+# default action would kill the launcher alone.
+_HANDLED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+STOPPED_BY_SIGNAL = 75  # EX_TEMPFAIL: the job script requeues itself on this status
 
 
 def worker_args(config: LaunchConfig) -> list[str]:
@@ -23,23 +28,28 @@ def worker_args(config: LaunchConfig) -> list[str]:
 
 
 def elastic_config(config: LaunchConfig, logs_specs: RankLogsSpecs):
-    """The engine's own LaunchConfig for one node: c10d rendezvous on the loopback address."""
+    """The engine's own LaunchConfig.
+
+    One node: c10d rendezvous on the loopback address (port 0: the store binds a free port itself).
+    Several nodes with --node-rank: the static rendezvous, which keeps node ranks (node 0 hosts the
+    store and holds rank 0). Several nodes without it, or an elastic MIN:MAX range: the c10d
+    rendezvous, which orders the nodes itself (node 0 need not hold rank 0).
+    """
     from torch.distributed.launcher.api import LaunchConfig as ElasticConfig
 
-    return ElasticConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=config.nproc_per_node,
-        run_id=f"fastlaunch-{uuid.uuid4().hex[:12]}",
-        role="rank",
-        rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{config.port or 0}",  # port 0: the store binds a free port itself
-        rdzv_configs={"is_host": True},
-        max_restarts=config.max_restarts,
-        monitor_interval=0.1,
-        logs_specs=logs_specs,
-        local_addr="127.0.0.1",
-    )
+    common = dict(nproc_per_node=config.nproc_per_node, role="rank", max_restarts=config.max_restarts,
+                  monitor_interval=0.1, logs_specs=logs_specs, shutdown_timeout=5,
+                  signals_to_handle=_HANDLED_SIGNALS)
+    if not config.multi_node:
+        return ElasticConfig(min_nodes=1, max_nodes=1, run_id=f"fastlaunch-{uuid.uuid4().hex[:12]}",
+                             rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{config.port or 0}",
+                             rdzv_configs={"is_host": True}, local_addr="127.0.0.1", **common)
+    if config.node_rank is not None:
+        return ElasticConfig(min_nodes=config.min_nodes, max_nodes=config.max_nodes, run_id=config.rdzv_id,
+                             rdzv_backend="static", rdzv_endpoint=config.rdzv_endpoint,
+                             rdzv_configs={"rank": config.node_rank}, **common)
+    return ElasticConfig(min_nodes=config.min_nodes, max_nodes=config.max_nodes, run_id=config.rdzv_id,
+                         rdzv_backend="c10d", rdzv_endpoint=config.rdzv_endpoint, **common)
 
 
 @contextlib.contextmanager
@@ -128,13 +138,18 @@ def _summarize_failure(err, logs_specs: RankLogsSpecs, console_rank: int) -> int
 
 def launch(config: LaunchConfig) -> int:
     """Start the ranks through the elastic agent; return the job's exit status."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
     for note in config.notes:
         print(note, file=sys.stderr, flush=True)
+    nodes = "" if not config.multi_node else (
+        f" x {config.max_nodes} nodes (this is node {config.node_rank}, rendezvous {config.rdzv_endpoint})"
+        if config.node_rank is not None else
+        f" x {config.min_nodes}:{config.max_nodes} nodes (rendezvous {config.rdzv_endpoint})")
     print(f"fastlaunch: {config.nproc_per_node} rank{'s' if config.nproc_per_node > 1 else ''} on "
-          f"{config.device}, run dir {config.run_dir}", file=sys.stderr, flush=True)
+          f"{config.device}{nodes}, run dir {config.run_dir}", file=sys.stderr, flush=True)
     _quiet_engine(config.verbose)
     follower = ConsoleFollower(sys.stdout)
     logs_specs = RankLogsSpecs(config.run_dir / "logs", console_rank=0, on_console_log=follower.follow)
@@ -148,6 +163,10 @@ def launch(config: LaunchConfig) -> int:
     except KeyboardInterrupt:
         print("fastlaunch: interrupted; ranks stopped", file=sys.stderr)
         status = 130
+    except SignalException as sig:
+        name = signal.Signals(sig.sigval).name
+        print(f"fastlaunch: {name} received; ranks stopped", file=sys.stderr)
+        status = 130 if sig.sigval == signal.SIGINT else STOPPED_BY_SIGNAL
     if status == 0:
         print(f"fastlaunch: done in {time.monotonic() - started:.1f}s; run dir {config.run_dir}", file=sys.stderr)
     return status

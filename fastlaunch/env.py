@@ -14,7 +14,7 @@ from typing import Mapping
 
 from .config import ENV_PREFIX
 
-__all__ = ["DistEnv"]
+__all__ = ["DistEnv", "SlurmFacts"]
 
 
 def _int(environ: Mapping[str, str], key: str, default: int) -> int:
@@ -84,3 +84,36 @@ class DistEnv:
                 **launcher,
             )
         return cls(**launcher)
+
+
+@dataclass(frozen=True)
+class SlurmFacts:
+    """What a Slurm allocation says about this process (read from SLURM_* variables)."""
+
+    job_id: int
+    nnodes: int
+    node_id: int
+    nodelist: str
+    ntasks: int
+    in_step: bool  # inside an srun step (a task), not the batch script itself
+    gpus_on_node: int | None = None
+    launch_node_ip: str | None = None
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> "SlurmFacts | None":
+        """None outside Slurm."""
+        environ = os.environ if environ is None else environ
+        job = environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID")
+        if not job:
+            return None
+        gpus = environ.get("SLURM_GPUS_ON_NODE", "")
+        return cls(
+            job_id=int(job),
+            nnodes=_int(environ, "SLURM_NNODES", _int(environ, "SLURM_JOB_NUM_NODES", 1)),
+            node_id=_int(environ, "SLURM_NODEID", 0),
+            nodelist=environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST", ""),
+            ntasks=_int(environ, "SLURM_NTASKS", 1),
+            in_step="SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ,
+            gpus_on_node=int(gpus) if gpus.isdigit() else None,
+            launch_node_ip=environ.get("SLURM_LAUNCH_NODE_IPADDR"),
+        )

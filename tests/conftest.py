@@ -37,3 +37,23 @@ def only_run_dir(cwd: Path) -> Path:
 @pytest.fixture
 def scripts() -> Path:
     return SCRIPTS
+
+
+SHARED_SLURM = REPO.parent / "shared" / "slurm"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real local Slurm with two nodes (n1, n2), started for the session and stopped after it."""
+    import shutil
+
+    start = SHARED_SLURM / "start-local-slurm.sh"
+    if not start.is_file():
+        pytest.skip(f"needs the local Slurm scripts at {SHARED_SLURM} (CI provides them)")
+    if os.geteuid() != 0:
+        pytest.skip("starting the local Slurm cluster needs root")
+    proc = subprocess.run(["bash", str(start), "--nodes", "2"], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 or not shutil.which("sbatch"):
+        pytest.skip(f"the local Slurm cluster did not start: {proc.stderr.strip()[-500:]}")
+    yield
+    subprocess.run(["bash", str(SHARED_SLURM / "stop-local-slurm.sh")], capture_output=True, timeout=120)

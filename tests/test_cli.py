@@ -4,11 +4,18 @@ from __future__ import annotations
 import pytest
 
 from conftest import run_fastlaunch
-from fastlaunch import cli
-from fastlaunch.cli import build_config, main, split_argv
+from fastlaunch import resolve
+from fastlaunch.cli import main, split_argv
 from fastlaunch.config import Precision
 from fastlaunch.device import GpuProbe
 from fastlaunch.errors import UsageError
+from fastlaunch.options import merged_options
+
+
+def build_config(tokens, script, script_args, **kwargs):
+    """The command line's path: tokens -> options -> LaunchConfig (no Slurm in these tests)."""
+    opts, given = merged_options(tokens)
+    return resolve.build_config(opts, given, script, script_args, environ={}, **kwargs)
 
 
 @pytest.fixture
@@ -91,7 +98,7 @@ def test_cpu_hides_gpus_even_when_present(script):
 ])
 def test_bad_input_is_one_line_with_hint_and_exit_2(argv, what, got, script, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "probe_gpus", lambda: GpuProbe(0, "none here"))
+    monkeypatch.setattr(resolve, "probe_gpus", lambda: GpuProbe(0, "none here"))
     fill = {"{script}": str(script), "{dir}": str(tmp_path)}
     argv = [fill.get(a, a) for a in argv]
     assert main(argv) == 2

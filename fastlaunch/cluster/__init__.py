@@ -1,0 +1,1 @@
+"""Cluster schedulers: Slurm detection, node addresses and job scripts."""

@@ -1,0 +1,165 @@
+"""Slurm: detection from environment dicts, node lists, addresses, job scripts, and real jobs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+from conftest import REPO, SCRIPTS
+from fastlaunch.cli import main
+from fastlaunch.cluster.slurm import (SbatchSpec, job_port, node_addr, parse_nodelist, render_sbatch,
+                                      rendezvous_endpoint)
+from fastlaunch.device import GpuProbe
+from fastlaunch.env import SlurmFacts
+from fastlaunch.errors import UsageError
+from fastlaunch.options import DEFAULTS
+from fastlaunch.resolve import build_config
+
+GOLDEN = REPO / "tests" / "golden" / "slurm_2nodes_8gpus.sbatch"
+STEP = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[01-02]",
+        "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_GPUS_ON_NODE": "4", "SLURM_PROCID": "1"}
+
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("gpu[01-04,07]", ["gpu01", "gpu02", "gpu03", "gpu04", "gpu07"]),
+    ("n[1-2]", ["n1", "n2"]),
+    ("a1,b[8-10],c", ["a1", "b8", "b9", "b10", "c"]),
+    ("rack[1-2]-node[01-02]", ["rack1-node01", "rack1-node02", "rack2-node01", "rack2-node02"]),
+    ("single", ["single"]),
+])
+def test_parse_nodelist(nodelist, hosts):
+    assert parse_nodelist(nodelist) == hosts
+
+
+def _runner(stdout, returncode=0):
+    calls = []
+
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        return types.SimpleNamespace(stdout=stdout, returncode=returncode)
+    return run, calls
+
+
+def test_node_address_from_scontrol():
+    run, calls = _runner("NodeName=gpu01 Arch=x86_64 CoresPerSocket=2\n   NodeAddr=10.1.2.3 NodeHostName=gpu01\n")
+    assert node_addr("gpu01", run) == "10.1.2.3"
+    assert calls == [["scontrol", "show", "node", "gpu01"]]
+
+
+def test_endpoint_uses_first_node_and_job_port_with_fallbacks():
+    facts = SlurmFacts.from_environ(STEP)
+    run, calls = _runner("NodeAddr=10.9.9.9")
+    assert rendezvous_endpoint(facts, run) == f"10.9.9.9:{job_port(4242)}"
+    assert calls[0][-1] == "gpu01"
+    failing, _ = _runner("", returncode=1)
+    with_launch_ip = SlurmFacts.from_environ({**STEP, "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.7"})
+    assert rendezvous_endpoint(with_launch_ip, failing) == f"10.0.0.7:{job_port(4242)}"
+    assert job_port(4242) == job_port(4242) and 1024 < job_port(99_999_999) < 65536
+
+
+def test_slurm_facts():
+    facts = SlurmFacts.from_environ(STEP)
+    assert (facts.job_id, facts.nnodes, facts.node_id, facts.ntasks, facts.in_step, facts.gpus_on_node) == \
+        (4242, 2, 1, 2, True, 4)
+    assert SlurmFacts.from_environ({}) is None
+    assert not SlurmFacts.from_environ({"SLURM_JOB_ID": "1"}).in_step  # the batch script is not a task
+
+
+def _config(tmp_path, environ, **opts):
+    script = tmp_path / "train.py"
+    script.write_text("")
+    given = set(opts)
+    return build_config({**DEFAULTS, **opts}, given, str(script), [], probe=lambda: GpuProbe(4), cores=8,
+                        environ=environ, resolve_endpoint=lambda facts: "10.9.9.9:24242")
+
+
+def test_slurm_task_fills_in_nodes_and_rendezvous(tmp_path):
+    cfg = _config(tmp_path, STEP, gpus=4)
+    assert (cfg.min_nodes, cfg.max_nodes, cfg.node_rank) == (2, 2, 1)
+    assert (cfg.rdzv_endpoint, cfg.rdzv_id) == ("10.9.9.9:24242", "slurm-4242")
+    assert cfg.seed == _config(tmp_path, {**STEP, "SLURM_NODEID": "0"}, gpus=4).seed  # every node alike
+
+
+def test_slurm_mistakes_are_hint_errors(tmp_path):
+    with pytest.raises(UsageError, match="more GPUs than Slurm allocated.*SLURM_GPUS_ON_NODE=4.*HINT"):
+        _config(tmp_path, STEP, gpus=8)
+    with pytest.raises(UsageError, match="batch script of a multi-node allocation.*HINT: start it with srun"):
+        _config(tmp_path, {k: v for k, v in STEP.items() if k != "SLURM_STEP_ID"}, gpus=4)
+    with pytest.raises(UsageError, match="one Slurm task per node.*SLURM_NTASKS=16"):
+        _config(tmp_path, {**STEP, "SLURM_NTASKS": "16"}, gpus=4)
+
+
+def test_one_node_allocation_runs_as_one_node(tmp_path):
+    cfg = _config(tmp_path, {**STEP, "SLURM_NNODES": "1", "SLURM_NTASKS": "1", "SLURM_NODEID": "0"}, gpus=4)
+    assert not cfg.multi_node and cfg.rdzv_endpoint is None
+
+
+def test_rendered_job_matches_golden_and_is_valid_bash(tmp_path):
+    spec = SbatchSpec(nodes=2, ranks_per_node=8, use_gpus=True, time="2:00:00", script="train.py",
+                      script_args=("--epochs", "5", "a b"), python="/opt/venv/bin/python",
+                      workdir="/home/me/project", job_name="train", partition="gpu", cpus_per_rank=6, grace=120,
+                      launcher_flags=("--precision", "bf16"))
+    text = render_sbatch(spec)
+    assert text == GOLDEN.read_text()
+    job = tmp_path / "job.sbatch"
+    job.write_text(text)
+    assert subprocess.run(["bash", "-n", str(job)]).returncode == 0
+    for needed in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                   '--cpus-per-task="$SLURM_CPUS_PER_TASK"', "#SBATCH --signal=USR1@120",
+                   'scontrol requeue "$SLURM_JOB_ID"', "--gpus 8 --precision bf16 train.py --epochs 5 'a b'"):
+        assert needed in text
+
+
+def test_slurm_command_prints_the_script_and_refuses_bad_input(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.py").write_text("")
+    assert main(["slurm", "--nodes", "2", "--gpus", "8", "--time", "2:00:00", "train.py", "--lr", "1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("#!/usr/bin/env bash") and "train.py --lr 1e-3" in out
+    for argv, what in ([["--nodes", "2", "--gpus", "8", "--time", "soon", "train.py"], "--time is not a Slurm time"],
+                       [["--nodes", "2", "--time", "1:00:00", "train.py"], "ranks per node not given"],
+                       [["--nodes", "0", "--cpu", "1", "--time", "5", "train.py"], "--nodes must be at least 1"],
+                       [["--gpus", "1", "--time", "5", "missing.py"], "script not found"]):
+        assert main(["slurm", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and what in err[0] and "HINT:" in err[0]
+
+
+def _sbatch_wait(tmp_path, out, *flags):
+    job = subprocess.run([sys.executable, "-m", "fastlaunch", "slurm", *flags, "--time", "10:00",
+                          "--cpus-per-rank", "1", str(SCRIPTS / "fastai_probe.py")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert job.returncode == 0, job.stderr
+    (tmp_path / "job.sbatch").write_text(job.stdout)
+    return subprocess.run(["sbatch", "--wait", "--export=ALL", "job.sbatch"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "FL_PROBE_OUT": str(out)})
+
+
+def _ranks(out):
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_two_node_slurm_job_trains_as_world_size_two(tmp_path, slurm_cluster):
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = _sbatch_wait(tmp_path, out, "--nodes", "2", "--cpu", "1")
+    logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert proc.returncode == 0, proc.stderr + logs
+    assert "this is node 0" in logs and "this is node 1" in logs
+    r0, r1 = _ranks(out)
+    assert r0["weights"] == r1["weights"]
+    assert not set(r0["seen"][0]) & set(r1["seen"][0]) and len(r0["seen"][0]) == 512
+
+
+def test_one_node_slurm_job_with_two_cpu_ranks(tmp_path, slurm_cluster):
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = _sbatch_wait(tmp_path, out, "--nodes", "1", "--cpu", "2")
+    logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert proc.returncode == 0, proc.stderr + logs
+    r0, r1 = _ranks(out)
+    assert r0["weights"] == r1["weights"] and not set(r0["seen"][0]) & set(r1["seen"][0])
