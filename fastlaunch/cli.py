@@ -32,6 +32,8 @@ launcher flags (before SCRIPT):
   --seed S              seed for python, numpy and torch on every rank (default: random, recorded)
   --keep-global-batch   divide the script's batch size by the ranks, so bs stays the global batch
                         (default: bs per rank, global batch = bs x ranks)
+  --grace S             seconds the ranks get to stop on SIGTERM/SIGUSR1 before they are killed
+                        (default 30)
   --verbose             show the engine's own log lines
   --config FILE         a YAML launch config with these flags' names as keys (flags given here win)
   --accelerate-config FILE
@@ -105,15 +107,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "fastlaunch --cpu 2 train.py")
         opts, given = merged_options(tokens)
         config = build_config(opts, given, script, script_args)
+        from .rendezvous import bind_loopback
         from .rundir import prepare_run_dir
 
+        listener = None if config.multi_node else bind_loopback(config.port)  # a busy --port fails here
         config = prepare_run_dir(config)
     except UsageError as err:
         print(err, file=sys.stderr)
         return err.exit_code
     from .engine import launch
 
-    return launch(config)
+    return launch(config, listener)
 
 
 def run() -> None:

@@ -51,6 +51,7 @@ class LaunchConfig:
     node_rank: int | None = None  # None: the rendezvous orders the nodes (c10d)
     rdzv_endpoint: str | None = None  # host:port of the first node; None on one node (loopback)
     rdzv_id: str = "fastlaunch"
+    grace: int = 30  # seconds between asking the ranks to stop (SIGTERM) and killing them
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -75,6 +76,10 @@ class LaunchConfig:
             env["PYTHONHASHSEED"] = str(self.seed)
         if "OMP_NUM_THREADS" not in base:
             env["OMP_NUM_THREADS"] = str(self.cpus_per_rank)
+        if not self.multi_node:  # one machine: collectives stay on the loopback interface
+            for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+                if key not in base:
+                    env[key] = "lo"
         if self.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks never touch a GPU, even where there are some
         return env

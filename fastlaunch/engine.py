@@ -5,11 +5,13 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
 from typing import Iterator, Mapping
 
+from . import rendezvous
 from .config import LaunchConfig
 from .logs import ConsoleFollower, RankLogsSpecs, tail_lines
 
@@ -27,10 +29,10 @@ def worker_args(config: LaunchConfig) -> list[str]:
     return ["-m", "fastlaunch.worker", str(config.script), *config.script_args]
 
 
-def elastic_config(config: LaunchConfig, logs_specs: RankLogsSpecs):
+def elastic_config(config: LaunchConfig, logs_specs: RankLogsSpecs, port: int = 0):
     """The engine's own LaunchConfig.
 
-    One node: c10d rendezvous on the loopback address (port 0: the store binds a free port itself).
+    One node: fastlaunch's loopback rendezvous (rendezvous.py), its store on a socket bound to 127.0.0.1.
     Several nodes with --node-rank: the static rendezvous, which keeps node ranks (node 0 hosts the
     store and holds rank 0). Several nodes without it, or an elastic MIN:MAX range: the c10d
     rendezvous, which orders the nodes itself (node 0 need not hold rank 0).
@@ -38,12 +40,12 @@ def elastic_config(config: LaunchConfig, logs_specs: RankLogsSpecs):
     from torch.distributed.launcher.api import LaunchConfig as ElasticConfig
 
     common = dict(nproc_per_node=config.nproc_per_node, role="rank", max_restarts=config.max_restarts,
-                  monitor_interval=0.1, logs_specs=logs_specs, shutdown_timeout=5,
+                  monitor_interval=0.1, logs_specs=logs_specs, shutdown_timeout=config.grace,
                   signals_to_handle=_HANDLED_SIGNALS)
     if not config.multi_node:
         return ElasticConfig(min_nodes=1, max_nodes=1, run_id=f"fastlaunch-{uuid.uuid4().hex[:12]}",
-                             rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{config.port or 0}",
-                             rdzv_configs={"is_host": True}, local_addr="127.0.0.1", **common)
+                             rdzv_backend=rendezvous.BACKEND, rdzv_endpoint=f"127.0.0.1:{port}",
+                             local_addr="127.0.0.1", **common)
     if config.node_rank is not None:
         return ElasticConfig(min_nodes=config.min_nodes, max_nodes=config.max_nodes, run_id=config.rdzv_id,
                              rdzv_backend="static", rdzv_endpoint=config.rdzv_endpoint,
@@ -102,12 +104,24 @@ def _callstack(failure) -> str:
     return ""
 
 
+def _precise_time(failure) -> float:
+    """The failure's time: fastlaunch's sub-second record when the rank wrote one."""
+    message = failure.error_file_data.get("message") if isinstance(failure.error_file_data, dict) else None
+    if isinstance(message, dict):
+        return float(message.get("extraInfo", {}).get("fastlaunch_time", failure.timestamp))
+    return float(failure.timestamp)
+
+
+def is_consequence(failure) -> bool:
+    """A rank that failed because another did: its peer vanished, or the engine stopped it (SIGTERM)."""
+    return failure.exitcode == -signal.SIGTERM or any(m in _message(failure) for m in _CONSEQUENCE_MARKERS)
+
+
 def root_cause(failures: dict) -> int:
-    """The global rank that failed first for its own reasons (a recorded error that is not a peer's echo)."""
+    """The global rank that failed first for its own reasons."""
     def key(item):
         rank, failure = item
-        text = _message(failure)
-        return (any(m in text for m in _CONSEQUENCE_MARKERS), failure.error_file_data == {}, failure.timestamp, rank)
+        return (is_consequence(failure), failure.error_file_data == {}, _precise_time(failure), rank)
     return min(failures.items(), key=key)[0]
 
 
@@ -130,14 +144,18 @@ def _summarize_failure(err, logs_specs: RankLogsSpecs, console_rank: int) -> int
         for line in lines:
             print(f"  {line}", file=out)
     for other in sorted(r for r in failures if r != rank):
-        print(f"fastlaunch: rank {other} stopped too (exit code {failures[other].exitcode}): "
+        why = "stopped as a consequence" if is_consequence(failures[other]) else "also failed"
+        print(f"fastlaunch: rank {other} {why} (exit code {failures[other].exitcode}): "
               f"{_message(failures[other])[:160]}", file=out)
     print(f"fastlaunch: logs: {logs_specs.log_dir}", file=out)
     return _exit_status(failure.exitcode)
 
 
-def launch(config: LaunchConfig) -> int:
-    """Start the ranks through the elastic agent; return the job's exit status."""
+def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
+    """Start the ranks through the elastic agent; return the job's exit status.
+
+    On one node, `listener` is the socket fastlaunch bound on 127.0.0.1 for the rendezvous store.
+    """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
@@ -155,9 +173,15 @@ def launch(config: LaunchConfig) -> int:
     logs_specs = RankLogsSpecs(config.run_dir / "logs", console_rank=0, on_console_log=follower.follow)
     started = time.monotonic()
     status = 0
+    port = 0
+    if not config.multi_node:
+        listener = listener or rendezvous.bind_loopback(config.port)
+        rendezvous.register()
+        port = listener.getsockname()[1]
+        rendezvous.hand_over(listener)
     try:
         with _environ(config.to_env()), follower:
-            elastic_launch(elastic_config(config, logs_specs), sys.executable)(*worker_args(config))
+            elastic_launch(elastic_config(config, logs_specs, port), sys.executable)(*worker_args(config))
     except ChildFailedError as err:
         status = _summarize_failure(err, logs_specs, console_rank=0)
     except KeyboardInterrupt:
@@ -166,7 +190,7 @@ def launch(config: LaunchConfig) -> int:
     except SignalException as sig:
         name = signal.Signals(sig.sigval).name
         print(f"fastlaunch: {name} received; ranks stopped", file=sys.stderr)
-        status = 130 if sig.sigval == signal.SIGINT else STOPPED_BY_SIGNAL
+        status = STOPPED_BY_SIGNAL if sig.sigval in (signal.SIGTERM, signal.SIGUSR1) else 128 + int(sig.sigval)
     if status == 0:
         print(f"fastlaunch: done in {time.monotonic() - started:.1f}s; run dir {config.run_dir}", file=sys.stderr)
     return status

@@ -107,6 +107,33 @@ def _nodes(opts: dict, given_nnodes: bool, slurm: SlurmFacts | None,
                 rdzv_id=str(opts["rdzv_id"] or "fastlaunch"))
 
 
+def _check_script(path: Path, script: str) -> None:
+    """The script must exist, be a file, and be Python source that compiles."""
+    if not path.exists():
+        raise UsageError("script not found", script, "check the path; the script comes after the launcher flags")
+    if not path.is_file():
+        raise UsageError("script is not a file", script, "pass a Python file such as train.py")
+    try:
+        compile(path.read_bytes(), str(path), "exec")
+    except (SyntaxError, ValueError, UnicodeDecodeError) as err:
+        where = f" (line {err.lineno}: {err.msg})" if isinstance(err, SyntaxError) and err.lineno else ""
+        raise UsageError("the script is not valid Python", f"{script}{where}",
+                         "fastlaunch runs Python scripts; check the file and its syntax with `python SCRIPT`") from None
+
+
+def _check_not_nested(environ: Mapping[str, str]) -> list[str]:
+    """A launch from inside another launcher's rank is refused; stale torchrun variables are noted."""
+    inside = [k for k in ("TORCHELASTIC_RUN_ID", "RANK", "LOCAL_RANK") if k in environ]
+    if inside:
+        raise UsageError("fastlaunch was started inside a rank of another launch",
+                         ", ".join(f"{k}={environ[k]}" for k in inside),
+                         "run fastlaunch from a plain shell, not from a script that torchrun or fastlaunch started "
+                         "(or unset these variables if they are left over)")
+    stale = sorted(k for k in environ if k.startswith("PET_"))
+    return [f"fastlaunch: warning: ignoring {', '.join(stale)} (only torchrun's argument parser reads PET_* "
+            "variables; use fastlaunch's flags or --config)"] if stale else []
+
+
 def build_config(opts: dict, given: set[str], script: str, script_args: list[str], *,
                  probe: Callable[[], GpuProbe] | None = None, cores: int | None = None,
                  bf16_probe: Callable[[], bool] | None = None, environ: Mapping[str, str] | None = None,
@@ -115,10 +142,8 @@ def build_config(opts: dict, given: set[str], script: str, script_args: list[str
     environ = os.environ if environ is None else environ
     probe, bf16_probe = probe or probe_gpus, bf16_probe or bf16_supported
     path = Path(script)
-    if not path.exists():
-        raise UsageError("script not found", script, "check the path; the script comes after the launcher flags")
-    if not path.is_file():
-        raise UsageError("script is not a file", script, "pass a Python file such as train.py")
+    _check_script(path, script)
+    notes = _check_not_nested(environ)
     precision = Precision.parse(opts["precision"])
     max_restarts = count("--max-restarts", opts["max_restarts"], 0)
     port = None if opts["port"] is None else count("--port", opts["port"], 0)
@@ -135,7 +160,8 @@ def build_config(opts: dict, given: set[str], script: str, script_args: list[str
     else:
         seed = secrets.randbelow(2**31)
     cores = usable_cores() if cores is None else cores
-    nproc, device, notes = _ranks(opts, probe, cores, slurm.gpus_on_node if slurm else None)
+    nproc, device, rank_notes = _ranks(opts, probe, cores, slurm.gpus_on_node if slurm else None)
+    grace = count("--grace", opts["grace"], 0)
     if precision is Precision.BF16 and device == "cuda" and not bf16_probe():
         raise UsageError("--precision bf16 on GPUs without bf16 support", "--precision bf16",
                          "use --precision fp16 on these GPUs")
@@ -144,5 +170,5 @@ def build_config(opts: dict, given: set[str], script: str, script_args: list[str
         script=path.resolve(), script_args=tuple(script_args), nproc_per_node=nproc, device=device,
         run_dir=run_dir, seed=seed, precision=precision, port=port, max_restarts=max_restarts,
         verbose=bool(opts["verbose"]), cpus_per_rank=max(1, cores // nproc),
-        keep_global_batch=bool(opts["keep_global_batch"]), notes=tuple(notes), **nodes,
+        keep_global_batch=bool(opts["keep_global_batch"]), notes=tuple(notes + rank_notes), grace=grace, **nodes,
     )

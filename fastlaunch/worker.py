@@ -8,7 +8,14 @@ if os.environ.get("FASTLAUNCH_RUN_DIR"):
     # The engine opened stdout and stderr on the same log file: share one offset so neither overwrites.
     os.dup2(1, 2)
 
+import faulthandler  # noqa: E402
+
+faulthandler.enable()  # a crash in native code (SIGSEGV, SIGABRT) still leaves its Python stack in the log
+
+import atexit  # noqa: E402
 import ctypes  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
 import runpy  # noqa: E402
 import signal  # noqa: E402
 import traceback  # noqa: E402
@@ -35,12 +42,18 @@ def arm_parent_death(expected_parent: int | None) -> None:
 
 
 def _record_failure(exc: BaseException) -> None:
-    """Write the engine's error file so the launcher can name this rank's exception."""
+    """Write the engine's error file, with a sub-second time, so the launcher can tell the first failure."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    now = time.time()
+    record = {"message": {"message": f"{type(exc).__name__}: {exc}", "extraInfo": {
+        "py_callstack": "".join(traceback.format_exception(exc)), "timestamp": str(int(now)),
+        "fastlaunch_time": now}}}
     try:
-        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-
-        ErrorHandler().record_exception(exc)
-    except Exception:
+        with open(path, "w") as fh:
+            json.dump(record, fh)
+    except OSError:
         pass
 
 
@@ -113,5 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
+def _exit(status: int) -> None:
+    """Run the script's atexit handlers, flush, and leave without native static destructors: a gloo
+    thread left joinable at interpreter teardown aborts the process (SIGABRT) after a clean run."""
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

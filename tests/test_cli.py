@@ -143,3 +143,40 @@ def test_bf16_on_gpus_without_support_stops_before_launch(script):
 def test_keep_global_batch_reaches_the_ranks(script):
     cfg = build_config(["--cpu", "2", "--keep-global-batch"], str(script), [], cores=2)
     assert cfg.keep_global_batch and cfg.to_env(base={})["FASTLAUNCH_KEEP_GLOBAL_BATCH"] == "1"
+
+
+@pytest.mark.parametrize("env, what", [({"TORCHELASTIC_RUN_ID": "x", "RANK": "1"}, "inside a rank of another launch"),
+                                       ({"LOCAL_RANK": "0"}, "inside a rank of another launch")])
+def test_nested_launch_is_refused(script, tmp_path, capsys, monkeypatch, env, what):
+    monkeypatch.chdir(tmp_path)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["--cpu", "2", str(script)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and what in err[0] and "HINT:" in err[0]
+
+
+def test_a_slurm_task_is_not_a_nested_launch(script):
+    cfg = resolve.build_config(merged_options(["--cpu", "1"])[0], {"cpu"}, str(script), [],
+                               environ={"SLURM_JOB_ID": "5", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0"})
+    assert cfg.nproc_per_node == 1
+
+
+@pytest.mark.parametrize("content, what", [(b"\x7fELF\x02\x01\x00\x00", "the script is not valid Python"),
+                                           (b"def broken(:\n", "the script is not valid Python")])
+def test_a_script_that_is_not_python(tmp_path, capsys, monkeypatch, content, what):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "train.py"
+    bad.write_bytes(content)
+    assert main(["--cpu", "2", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and what in err[0] and "HINT:" in err[0]
+
+
+def test_negative_grace_and_stale_pet_variables(script, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--cpu", "2", "--grace", "-1", str(script)]) == 2
+    assert "--grace must be at least 0 (got -1)" in capsys.readouterr().err
+    cfg = resolve.build_config(merged_options(["--cpu", "1"])[0], {"cpu"}, str(script), [],
+                               environ={"PET_NPROC_PER_NODE": "8"})
+    assert any("ignoring PET_NPROC_PER_NODE" in note for note in cfg.notes)

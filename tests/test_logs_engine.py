@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 import time
 import types
 from pathlib import Path
@@ -46,9 +47,11 @@ def test_tail_lines_folds_progress_bars(tmp_path):
     assert tail_lines(tmp_path / "missing", 3) == []
 
 
-def _failure(exitcode, message, timestamp):
-    data = {"message": {"message": message, "extraInfo": {"py_callstack": "tb", "timestamp": str(timestamp)}}} \
-        if message else {}
+def _failure(exitcode, message, timestamp, precise=None):
+    extra = {"py_callstack": "tb", "timestamp": str(timestamp)}
+    if precise is not None:
+        extra["fastlaunch_time"] = precise
+    data = {"message": {"message": message, "extraInfo": extra}} if message else {}
     return types.SimpleNamespace(exitcode=exitcode, message=message, error_file_data=data, timestamp=timestamp)
 
 
@@ -57,13 +60,22 @@ def test_root_cause_ignores_peer_closed_echoes_even_when_earlier():
                 1: _failure(1, "ValueError: boom", 100),
                 2: _failure(-15, "", 99)}
     assert root_cause(failures) == 1
-    assert root_cause({2: _failure(-9, "", 5), 3: _failure(-15, "", 4)}) == 3
+    # SIGTERM is how the engine stops the survivors: a SIGKILLed rank is the cause even if seen later.
+    assert root_cause({2: _failure(-9, "", 5), 3: _failure(-15, "", 4)}) == 2
+    # Two real errors in the same whole second: fastlaunch's sub-second record decides.
+    assert root_cause({0: _failure(1, "KeyError: a", 7, 7.9), 1: _failure(1, "ValueError: b", 7, 7.2)}) == 1
 
 
 def test_engine_config_one_node_loopback(tmp_path):
     cfg = LaunchConfig(script=Path("/s/train.py"), script_args=("--x", ""), nproc_per_node=3, device="cpu",
                        run_dir=tmp_path, seed=0, max_restarts=2)
-    ec = elastic_config(cfg, RankLogsSpecs(tmp_path))
+    ec = elastic_config(cfg, RankLogsSpecs(tmp_path), port=29777)
     assert (ec.min_nodes, ec.max_nodes, ec.nproc_per_node, ec.max_restarts) == (1, 1, 3, 2)
-    assert ec.rdzv_backend == "c10d" and ec.rdzv_endpoint == "127.0.0.1:0"
+    assert ec.rdzv_backend == "fastlaunch-loopback" and ec.rdzv_endpoint == "127.0.0.1:29777"
+    assert "SIGUSR1" in ec.signals_to_handle and ec.shutdown_timeout == cfg.grace
+    static = elastic_config(replace(cfg, min_nodes=2, max_nodes=2, node_rank=1, rdzv_endpoint="h:1"), RankLogsSpecs(tmp_path))
+    assert (static.rdzv_backend, static.rdzv_configs["rank"], static.rdzv_endpoint) == ("static", 1, "h:1")
+    elastic = elastic_config(replace(cfg, min_nodes=1, max_nodes=4, rdzv_endpoint="h:1", rdzv_id="x"),
+                             RankLogsSpecs(tmp_path))
+    assert (elastic.rdzv_backend, elastic.min_nodes, elastic.max_nodes, elastic.run_id) == ("c10d", 1, 4, "x")
     assert worker_args(cfg) == ["-m", "fastlaunch.worker", "/s/train.py", "--x", ""]

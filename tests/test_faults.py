@@ -1,0 +1,133 @@
+"""Faults: a rank that crashes, signals to the launcher, ports, and what listens. Asserts pids and codes."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import SCRIPTS, only_run_dir, run_fastlaunch
+
+FAULT = SCRIPTS / "fault_probe.py"
+
+
+def _env(out, fault):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC", "FASTLAUNCH_"))}
+    return {**env, "FL_PROBE_OUT": str(out), "FL_FAULT": fault}
+
+
+def _start(tmp_path, fault, *flags):
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    return subprocess.Popen([sys.executable, "-m", "fastlaunch", "--cpu", "2", *flags, str(FAULT)], cwd=tmp_path,
+                            env=_env(out, fault), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True), out
+
+
+def _wait_ready(proc, out, ranks=2, limit=90.0):
+    """Wait until every rank trains with its DataLoader worker up; return all the job's processes."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if all((out / f"ready-rank{r}").exists() for r in range(ranks)):
+            return psutil.Process(proc.pid).children(recursive=True)
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    raise AssertionError("the ranks never became ready")
+
+
+def _survivors(procs, limit=5.0):
+    """Processes of the job still alive after `limit` seconds (zombies count as gone)."""
+    deadline = time.monotonic() + limit
+    while True:
+        alive = []
+        for p in procs:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("fault, said", [("raise", "rank 1 gives up"),
+                                         ("kill", "Signal 9 (SIGKILL)"),
+                                         ("segv", "Signal 11 (SIGSEGV)")])
+def test_a_rank_that_dies_stops_the_job_and_is_named(tmp_path, fault, said):
+    proc, out = _start(tmp_path, fault)
+    procs = _wait_ready(proc, out)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    first = [line for line in stderr.splitlines() if " failed (exit code" in line]
+    assert first and first[0].startswith("fastlaunch: rank 1 failed") and said in first[0], stderr
+    assert not _survivors(procs)
+    if fault == "segv":  # the Python stack of the crash is in rank 1's log
+        log = (only_run_dir(tmp_path) / "logs" / "rank1.log").read_text()
+        assert "Fatal Python error: Segmentation fault" in log and "fault_probe.py" in log
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGHUP, 129), (signal.SIGTERM, 75),
+                                         (signal.SIGKILL, -9)])
+def test_signals_to_the_launcher_leave_no_process_behind(tmp_path, sig, status):
+    proc, out = _start(tmp_path, "slow", "--grace", "5")
+    procs = _wait_ready(proc, out)
+    assert len(procs) >= 4  # two ranks and their DataLoader workers
+    os.kill(proc.pid, sig)
+    proc.communicate(timeout=30)
+    assert proc.returncode == status
+    assert not _survivors(procs), [p.cmdline()[-3:] for p in _survivors(procs, 0)]
+
+
+def test_single_node_job_listens_on_loopback_only(tmp_path):
+    proc, out = _start(tmp_path, "slow")
+    procs = _wait_ready(proc, out)
+    listening = []
+    for p in [psutil.Process(proc.pid), *procs]:
+        try:
+            listening += [c.laddr for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:
+            pass
+    env1 = psutil.Process(procs[0].pid).environ()
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert listening, "the rendezvous store should be listening"
+    assert all(addr.ip in ("127.0.0.1", "::1") for addr in listening), listening
+    assert env1.get("GLOO_SOCKET_IFNAME") == "lo" and env1.get("NCCL_SOCKET_IFNAME") == "lo"
+
+
+def test_busy_port_is_a_hint_error_at_once(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_fastlaunch(["--cpu", "2", "--port", port, FAULT], tmp_path, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"fastlaunch: error: --port is already in use on 127.0.0.1 (got {port}). "
+                                   "HINT: leave --port out (a free port is taken), or pick another")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_two_jobs_at_once_both_succeed_apart(tmp_path, scripts):
+    jobs = []
+    for name in ("a", "b"):
+        cwd = tmp_path / name
+        (cwd / "out").mkdir(parents=True)
+        jobs.append((cwd, subprocess.Popen([sys.executable, "-m", "fastlaunch", "--cpu", "2",
+                                            str(scripts / "plain_ddp.py")], cwd=cwd, env=_env(cwd / "out", "-"),
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+    ports = set()
+    for cwd, job in jobs:
+        _, stderr = job.communicate(timeout=120)
+        assert job.returncode == 0, stderr
+        import json
+        ranks = [json.loads((cwd / "out" / f"rank{r}.json").read_text()) for r in range(2)]
+        assert [r["total"] for r in ranks] == [3.0, 3.0]  # each job reduced over its own two ranks only
+        ports.add(ranks[0]["MASTER_PORT"])
+    assert len(ports) == 2
