@@ -34,6 +34,8 @@ launcher flags (before SCRIPT):
                         (default: bs per rank, global batch = bs x ranks)
   --grace S             seconds the ranks get to stop on SIGTERM/SIGUSR1 before they are killed
                         (default 30)
+  --hang-timeout S      a rank with no progress inside a fit for S seconds is named, its stack
+                        dumped into its log, and the job stopped (default 600; 0: off)
   --verbose             show the engine's own log lines
   --config FILE         a YAML launch config with these flags' names as keys (flags given here win)
   --accelerate-config FILE

@@ -9,6 +9,7 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as dist
 
+from . import heartbeat
 from .env import DistEnv
 
 __all__ = ["current_env", "is_rank_zero", "rank_zero_only", "ensure_process_group", "barrier",
@@ -40,6 +41,22 @@ def rank_zero_only(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _group_timeout(denv: DistEnv) -> timedelta:
+    """Longer than the hang timeout, so the launcher names a hung rank before gloo/nccl time out."""
+    return max(PG_TIMEOUT, timedelta(seconds=2 * denv.hang_timeout))
+
+
+def _join(init: Callable[[], Any]) -> Any:
+    """Start the group, telling the hang watch that this rank waits for its peers meanwhile."""
+    heartbeat.set_flag(heartbeat.JOINING_GROUP)
+    try:
+        result = init()
+    finally:
+        heartbeat.set_flag(heartbeat.JOINING_GROUP, False)
+    heartbeat.set_flag(heartbeat.REACHED_GROUP)
+    return result
+
+
 def ensure_process_group(denv: DistEnv | None = None) -> bool:
     """Start the process group on first need (nccl on GPUs, gloo on CPU); True when distributed."""
     denv = denv or current_env()
@@ -47,10 +64,10 @@ def ensure_process_group(denv: DistEnv | None = None) -> bool:
         return False
     if dist.is_initialized():
         return True
-    kwargs: dict[str, Any] = {"backend": denv.backend, "timeout": PG_TIMEOUT}
+    kwargs: dict[str, Any] = {"backend": denv.backend, "timeout": _group_timeout(denv)}
     if denv.device_type == "cuda":
         kwargs["device_id"] = torch.device("cuda", denv.local_rank)
-    _original_init(**kwargs)
+    _join(lambda: _original_init(**kwargs))
     return True
 
 
@@ -60,8 +77,8 @@ def install_init_guard() -> None:
     def init_process_group(*args, **kwargs):
         if dist.is_initialized():
             return None
-        kwargs.setdefault("timeout", PG_TIMEOUT)
-        return _original_init(*args, **kwargs)
+        kwargs.setdefault("timeout", _group_timeout(current_env()))
+        return _join(lambda: _original_init(*args, **kwargs))
 
     dist.init_process_group = init_process_group
 
@@ -137,10 +154,14 @@ def local_rank_zero_first(fn: Callable[..., Any], *args, **kwargs) -> Any:
     if denv.local_world_size <= 1 or not denv.master_port:
         return fn(*args, **kwargs)
     key = f"first/node{denv.node_rank}/{next(_first_calls)}"
-    if denv.local_rank == 0:
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            _store().set(key, "done")  # also on failure: the others then try, and fail, on their own
-    _store().wait([key], STORE_WAIT)
-    return fn(*args, **kwargs)
+    heartbeat.set_flag(heartbeat.WAITING)  # a known wait (or rank 0's long download): not a hang
+    try:
+        if denv.local_rank == 0:
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _store().set(key, "done")  # also on failure: the others then try, and fail, on their own
+        _store().wait([key], STORE_WAIT)
+        return fn(*args, **kwargs)
+    finally:
+        heartbeat.set_flag(heartbeat.WAITING, False)

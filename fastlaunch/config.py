@@ -52,6 +52,7 @@ class LaunchConfig:
     rdzv_endpoint: str | None = None  # host:port of the first node; None on one node (loopback)
     rdzv_id: str = "fastlaunch"
     grace: int = 30  # seconds between asking the ranks to stop (SIGTERM) and killing them
+    hang_timeout: int = 600  # seconds without progress inside a fit before a rank counts as hung (0: off)
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -70,6 +71,7 @@ class LaunchConfig:
             f"{ENV_PREFIX}PRECISION": self.precision.value,
             f"{ENV_PREFIX}CPUS_PER_RANK": str(self.cpus_per_rank),
             f"{ENV_PREFIX}KEEP_GLOBAL_BATCH": "1" if self.keep_global_batch else "0",
+            f"{ENV_PREFIX}HANG_TIMEOUT": str(self.hang_timeout),
             "PYTHONUNBUFFERED": "1",  # rank 0's output reaches the console as it comes
         }
         if "PYTHONHASHSEED" not in base:  # set and dict orders (vocabularies, splits) agree across ranks

@@ -11,8 +11,9 @@ import time
 import uuid
 from typing import Iterator, Mapping
 
-from . import rendezvous
+from . import heartbeat, rendezvous
 from .config import LaunchConfig
+from .hangwatch import HangWatch
 from .logs import ConsoleFollower, RankLogsSpecs, tail_lines
 
 __all__ = ["launch", "elastic_config", "worker_args", "root_cause"]
@@ -151,6 +152,22 @@ def _summarize_failure(err, logs_specs: RankLogsSpecs, console_rank: int) -> int
     return _exit_status(failure.exitcode)
 
 
+def _summarize_hang(verdict, logs_specs: RankLogsSpecs) -> int:
+    """Name the hung rank, what it was doing, and the stack it dumped into its log."""
+    beat, why = verdict
+    out = sys.stderr
+    print(f"fastlaunch: {beat.who} hung: {why}", file=out)
+    log = logs_specs.log_path(beat.rank) if beat.started else None
+    if log is not None:
+        lines = tail_lines(log, _TAIL_LINES)
+        start = max((i for i, line in enumerate(lines) if "most recent call first" in line), default=0)
+        print(f"fastlaunch: its stack (from {log}):", file=out)
+        for line in lines[max(0, start - 1):]:
+            print(f"  {line}", file=out)
+    print(f"fastlaunch: the job was stopped; logs: {logs_specs.log_dir}", file=out)
+    return 1
+
+
 def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
     """Start the ranks through the elastic agent; return the job's exit status.
 
@@ -179,11 +196,15 @@ def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
         rendezvous.register()
         port = listener.getsockname()[1]
         rendezvous.hand_over(listener)
+    progress = heartbeat.progress_file(config.run_dir)
+    heartbeat.create(progress, config.nproc_per_node)
+    watch = HangWatch(progress, config.hang_timeout)
     try:
-        with _environ(config.to_env()), follower:
+        with _environ(config.to_env()), follower, watch:
             elastic_launch(elastic_config(config, logs_specs, port), sys.executable)(*worker_args(config))
     except ChildFailedError as err:
-        status = _summarize_failure(err, logs_specs, console_rank=0)
+        status = _summarize_hang(watch.verdict, logs_specs) if watch.verdict else \
+            _summarize_failure(err, logs_specs, console_rank=0)
     except KeyboardInterrupt:
         print("fastlaunch: interrupted; ranks stopped", file=sys.stderr)
         status = 130

@@ -41,6 +41,7 @@ class DistEnv:
     run_dir: Path | None = None
     restart_count: int = 0
     keep_global_batch: bool = False
+    hang_timeout: int = 0
 
     @property
     def is_distributed(self) -> bool:
@@ -68,6 +69,7 @@ class DistEnv:
             cpus_per_rank=_int(environ, f"{ENV_PREFIX}CPUS_PER_RANK", 0) or None,
             run_dir=Path(environ[f"{ENV_PREFIX}RUN_DIR"]) if environ.get(f"{ENV_PREFIX}RUN_DIR") else None,
             keep_global_batch=environ.get(f"{ENV_PREFIX}KEEP_GLOBAL_BATCH") == "1",
+            hang_timeout=_int(environ, f"{ENV_PREFIX}HANG_TIMEOUT", 0),
         )
         # 1 and 2 read the same variables: torchelastic sets the env:// set and more.
         if "RANK" in environ and "WORLD_SIZE" in environ:

@@ -15,7 +15,7 @@ __all__ = ["DEFAULTS", "VALUE_FLAGS", "BOOL_FLAGS", "parse_tokens", "load_launch
 DEFAULTS: dict[str, Any] = {
     "gpus": "auto", "cpu": None, "precision": "no", "run_dir": None, "port": None, "max_restarts": 0,
     "seed": None, "verbose": False, "keep_global_batch": False, "nnodes": "1", "node_rank": None,
-    "rdzv_endpoint": None, "rdzv_id": None, "grace": 30, "config": None, "accelerate_config": None,
+    "rdzv_endpoint": None, "rdzv_id": None, "grace": 30, "hang_timeout": 600, "config": None, "accelerate_config": None,
 }
 BOOL_FLAGS = tuple(f"--{k.replace('_', '-')}" for k, v in DEFAULTS.items() if isinstance(v, bool))
 VALUE_FLAGS = tuple(f"--{k.replace('_', '-')}" for k, v in DEFAULTS.items() if not isinstance(v, bool))

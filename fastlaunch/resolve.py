@@ -162,6 +162,7 @@ def build_config(opts: dict, given: set[str], script: str, script_args: list[str
     cores = usable_cores() if cores is None else cores
     nproc, device, rank_notes = _ranks(opts, probe, cores, slurm.gpus_on_node if slurm else None)
     grace = count("--grace", opts["grace"], 0)
+    hang_timeout = count("--hang-timeout", opts["hang_timeout"], 0)
     if precision is Precision.BF16 and device == "cuda" and not bf16_probe():
         raise UsageError("--precision bf16 on GPUs without bf16 support", "--precision bf16",
                          "use --precision fp16 on these GPUs")
@@ -170,5 +171,6 @@ def build_config(opts: dict, given: set[str], script: str, script_args: list[str
         script=path.resolve(), script_args=tuple(script_args), nproc_per_node=nproc, device=device,
         run_dir=run_dir, seed=seed, precision=precision, port=port, max_restarts=max_restarts,
         verbose=bool(opts["verbose"]), cpus_per_rank=max(1, cores // nproc),
-        keep_global_batch=bool(opts["keep_global_batch"]), notes=tuple(notes + rank_notes), grace=grace, **nodes,
+        keep_global_batch=bool(opts["keep_global_batch"]), notes=tuple(notes + rank_notes), grace=grace,
+        hang_timeout=hang_timeout, **nodes,
     )

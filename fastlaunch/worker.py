@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     denv = comm.current_env()
     launcher_pid = os.environ.get("FASTLAUNCH_LAUNCHER_PID")
     arm_parent_death(int(launcher_pid) if launcher_pid else None)
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # the launcher asks a hung rank for its stack
+    from . import heartbeat
+
+    heartbeat.install(denv.run_dir, denv.local_rank, denv.rank)
     rank_device(denv.device_type, denv.local_rank)  # fastai's default_device() is now this rank's GPU
     if denv.seed is not None:
         seed_everything(denv.seed)

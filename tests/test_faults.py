@@ -34,8 +34,9 @@ def _wait_ready(proc, out, ranks=2, limit=90.0):
     """Wait until every rank trains with its DataLoader worker up; return all the job's processes."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        if all((out / f"ready-rank{r}").exists() for r in range(ranks)):
-            return psutil.Process(proc.pid).children(recursive=True)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        if all((out / f"ready-rank{r}").exists() for r in range(ranks)) and len(children) >= 2:
+            return children
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.1)
     raise AssertionError("the ranks never became ready")
@@ -131,3 +132,38 @@ def test_two_jobs_at_once_both_succeed_apart(tmp_path, scripts):
         assert [r["total"] for r in ranks] == [3.0, 3.0]  # each job reduced over its own two ranks only
         ports.add(ranks[0]["MASTER_PORT"])
     assert len(ports) == 2
+
+
+@pytest.mark.parametrize("fault, said", [
+    ("sleep", "rank 1 hung: no progress for"),
+    ("spin", "rank 1 hung: no progress for"),
+    ("late", "rank 1 hung: never reached the process group"),
+])
+def test_a_hung_rank_is_named_with_its_stack_and_the_job_stopped(tmp_path, fault, said):
+    proc, out = _start(tmp_path, fault, "--hang-timeout", "4")
+    procs = _wait_ready(proc, out, ranks=0 if fault == "late" else 1)
+    _, stderr = proc.communicate(timeout=4 + 30)  # the hang timeout, plus the watch and the teardown
+    assert proc.returncode == 1
+    assert said in stderr, stderr
+    if fault != "late":
+        assert "last event: Fault.after_batch (epoch 0, batch 2)" in stderr
+        assert "most recent call first" in stderr and "fault_probe.py" in stderr
+    assert not _survivors(procs)
+
+
+def test_rank_zero_extracting_longer_than_the_hang_timeout_is_not_a_hang(tmp_path):
+    import tarfile
+
+    src = tmp_path / "src" / "data"
+    src.mkdir(parents=True)
+    (src / "x.txt").write_text("x")
+    archive = tmp_path / "data.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname="data")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**_env(out, "extract"), "FL_ARCHIVE": str(archive)}
+    proc = subprocess.run([sys.executable, "-m", "fastlaunch", "--cpu", "2", "--hang-timeout", "3", str(FAULT)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "hung" not in proc.stderr

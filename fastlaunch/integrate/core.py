@@ -8,6 +8,7 @@ import functools
 import sys
 from typing import Any
 
+from .. import heartbeat
 from ..comm import barrier
 
 __all__ = ["replace_everywhere", "fastlaunch_callbacks", "CORE_PATCHES"]
@@ -46,10 +47,12 @@ def patch_fit_marks_real_fits() -> None:
     def fit(self, *args, **kwargs):
         _ensure_callbacks(self)
         self._fastlaunch_fit_depth = getattr(self, "_fastlaunch_fit_depth", 0) + 1
+        heartbeat.set_flag(heartbeat.IN_FIT)
         try:
             return original(self, *args, **kwargs)
         finally:
             self._fastlaunch_fit_depth -= 1
+            heartbeat.set_flag(heartbeat.IN_FIT, self._fastlaunch_fit_depth > 0)
 
     Learner.fit = fit
 
@@ -137,22 +140,25 @@ def patch_barrier_starts_group() -> None:
 def patch_cancels_are_agreed() -> None:
     """A CancelFit/Epoch/TrainException raised on one rank would unwind that rank alone and leave the
     others in the next all-reduce forever: during a distributed fit it becomes a stop request that
-    every rank acts on at the same batch (see callbacks/agreement.py)."""
+    every rank acts on at the same batch (see callbacks/agreement.py). Each callback call also
+    publishes the rank's progress, so a hung rank is named with the callback it is stuck in."""
     from fastai.callback.core import event
     from fastai.learner import Learner
 
     from ..callbacks.agreement import ROUTED, stop_state
 
-    original = Learner._call_one
     passthrough = {"after_fit", "after_cancel_fit", "after_cancel_epoch", "after_cancel_train", "after_create"}
 
     def _call_one(self, event_name):
-        state = stop_state(self)
-        if state is None or event_name in passthrough:
-            return original(self, event_name)
         if not hasattr(event, event_name):
             raise Exception(f"missing {event_name}")
+        state = None if event_name in passthrough else stop_state(self)
+        epoch, iteration = getattr(self, "epoch", 0), getattr(self, "iter", 0)
         for cb in self.cbs.sorted("order"):
+            heartbeat.beat(f"{type(cb).__name__}.{event_name}", epoch, iteration)  # names a stuck callback
+            if state is None:
+                cb(event_name)
+                continue
             try:
                 cb(event_name)
             except ROUTED as exc:
