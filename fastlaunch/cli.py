@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from .errors import UsageError
@@ -36,6 +37,11 @@ launcher flags (before SCRIPT):
                         (default 30)
   --hang-timeout S      a rank with no progress inside a fit for S seconds is named, its stack
                         dumped into its log, and the job stopped (default 600; 0: off)
+  --checkpoint-every epoch|none
+                        rank 0 checkpoints after every epoch into the run directory (default none)
+  --keep-checkpoints K  per-epoch checkpoints kept (default 2)
+  --resume RUN_DIR      continue that run from its newest checkpoint, mid-epoch if it stopped there
+                        (script, arguments and flags come from RUN_DIR/launch.yaml unless given)
   --verbose             show the engine's own log lines
   --config FILE         a YAML launch config with these flags' names as keys (flags given here win)
   --accelerate-config FILE
@@ -92,6 +98,30 @@ def split_argv(argv: Sequence[str], value_flags: Sequence[str] = _VALUE_FLAGS,
     return launcher, None, []
 
 
+def _resume_dir(tokens: list[str]) -> str | None:
+    for i, token in enumerate(tokens):
+        if token == "--resume" and i + 1 < len(tokens):
+            return tokens[i + 1]
+        if token.startswith("--resume="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def _previous_run(run_dir: str) -> tuple[dict, str, list[str]]:
+    """A run's options, script and arguments, from its launch.yaml."""
+    import yaml
+
+    from .options import options_of_run
+    from .rundir import LAUNCH_FILE
+
+    path = Path(run_dir) / LAUNCH_FILE
+    if not path.is_file():
+        raise UsageError("--resume needs a run directory of fastlaunch", run_dir,
+                         "pass a folder under runs/ that holds launch.yaml and checkpoints/")
+    saved = yaml.safe_load(path.read_text())
+    return options_of_run(saved), saved["script"], list(saved["script_args"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point callable from tests with a list; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -104,10 +134,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(t in _HELP_FLAGS for t in tokens) or (script is None and not tokens):
             print(HELP, end="")
             return 0
+        base = None
+        resume = _resume_dir(tokens)
+        if resume is not None:
+            base, saved_script, saved_args = _previous_run(resume)
+            if script is None:
+                script, script_args = saved_script, saved_args
         if script is None:
             raise UsageError("no script given", " ".join(argv), "write the script path after the launcher flags: "
                              "fastlaunch --cpu 2 train.py")
-        opts, given = merged_options(tokens)
+        opts, given = merged_options(tokens, base=base)
         config = build_config(opts, given, script, script_args)
         from .rendezvous import bind_loopback
         from .rundir import prepare_run_dir

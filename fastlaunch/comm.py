@@ -46,6 +46,16 @@ def _group_timeout(denv: DistEnv) -> timedelta:
     return max(PG_TIMEOUT, timedelta(seconds=2 * denv.hang_timeout))
 
 
+def _attempt_store(denv: DistEnv):
+    """The job's store with a prefix per restart attempt: after a restart the engine serves the same
+    store, and without a prefix the new ranks read the old ranks' gloo addresses (a hang or refusal)."""
+    if denv.source != "torchelastic":
+        return None
+    base = dist.TCPStore(denv.master_addr, denv.master_port, denv.world_size,
+                         is_master=not denv.agent_store and denv.rank == 0, timeout=_group_timeout(denv))
+    return dist.PrefixStore(f"/fastlaunch/attempt_{denv.restart_count}", base)
+
+
 def _join(init: Callable[[], Any]) -> Any:
     """Start the group, telling the hang watch that this rank waits for its peers meanwhile."""
     heartbeat.set_flag(heartbeat.JOINING_GROUP)
@@ -64,7 +74,8 @@ def ensure_process_group(denv: DistEnv | None = None) -> bool:
         return False
     if dist.is_initialized():
         return True
-    kwargs: dict[str, Any] = {"backend": denv.backend, "timeout": _group_timeout(denv)}
+    kwargs: dict[str, Any] = {"backend": denv.backend, "timeout": _group_timeout(denv),
+                              "store": _attempt_store(denv), "rank": denv.rank, "world_size": denv.world_size}
     if denv.device_type == "cuda":
         kwargs["device_id"] = torch.device("cuda", denv.local_rank)
     _join(lambda: _original_init(**kwargs))
@@ -77,7 +88,12 @@ def install_init_guard() -> None:
     def init_process_group(*args, **kwargs):
         if dist.is_initialized():
             return None
-        kwargs.setdefault("timeout", _group_timeout(current_env()))
+        denv = current_env()
+        kwargs.setdefault("timeout", _group_timeout(denv))
+        if (kwargs.get("init_method") in (None, "env://") and "store" not in kwargs and len(args) < 2
+                and denv.source == "torchelastic"):
+            kwargs.update(store=_attempt_store(denv), rank=denv.rank, world_size=denv.world_size)
+            kwargs.pop("init_method", None)
         return _join(lambda: _original_init(*args, **kwargs))
 
     dist.init_process_group = init_process_group

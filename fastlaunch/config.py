@@ -53,6 +53,9 @@ class LaunchConfig:
     rdzv_id: str = "fastlaunch"
     grace: int = 30  # seconds between asking the ranks to stop (SIGTERM) and killing them
     hang_timeout: int = 600  # seconds without progress inside a fit before a rank counts as hung (0: off)
+    checkpoint_every: str = "none"  # "epoch": rank 0 checkpoints after every epoch
+    keep_checkpoints: int = 2
+    resume_from: Path | None = None  # a checkpoint file this run continues from
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -72,6 +75,9 @@ class LaunchConfig:
             f"{ENV_PREFIX}CPUS_PER_RANK": str(self.cpus_per_rank),
             f"{ENV_PREFIX}KEEP_GLOBAL_BATCH": "1" if self.keep_global_batch else "0",
             f"{ENV_PREFIX}HANG_TIMEOUT": str(self.hang_timeout),
+            f"{ENV_PREFIX}CHECKPOINT_EVERY": self.checkpoint_every,
+            f"{ENV_PREFIX}KEEP_CHECKPOINTS": str(self.keep_checkpoints),
+            f"{ENV_PREFIX}RESUME": str(self.resume_from or ""),
             "PYTHONUNBUFFERED": "1",  # rank 0's output reaches the console as it comes
         }
         if "PYTHONHASHSEED" not in base:  # set and dict orders (vocabularies, splits) agree across ranks
@@ -92,4 +98,5 @@ class LaunchConfig:
         d["script"], d["run_dir"] = str(self.script), str(self.run_dir) if self.run_dir else None
         d["script_args"], d["notes"] = list(self.script_args), list(self.notes)
         d["precision"] = self.precision.value
+        d["resume_from"] = str(self.resume_from) if self.resume_from else None
         return d

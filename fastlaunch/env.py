@@ -31,6 +31,7 @@ class DistEnv:
     world_size: int = 1
     local_world_size: int = 1
     node_rank: int = 0
+    agent_store: bool = False  # the engine's agent serves the store at MASTER_ADDR:MASTER_PORT
     master_addr: str = "127.0.0.1"
     master_port: int = 0
     source: str = "single"  # which detector matched
@@ -42,6 +43,9 @@ class DistEnv:
     restart_count: int = 0
     keep_global_batch: bool = False
     hang_timeout: int = 0
+    resume_from: Path | None = None
+    checkpoint_every: str = "none"
+    keep_checkpoints: int = 2
 
     @property
     def is_distributed(self) -> bool:
@@ -70,6 +74,9 @@ class DistEnv:
             run_dir=Path(environ[f"{ENV_PREFIX}RUN_DIR"]) if environ.get(f"{ENV_PREFIX}RUN_DIR") else None,
             keep_global_batch=environ.get(f"{ENV_PREFIX}KEEP_GLOBAL_BATCH") == "1",
             hang_timeout=_int(environ, f"{ENV_PREFIX}HANG_TIMEOUT", 0),
+            resume_from=Path(environ[f"{ENV_PREFIX}RESUME"]) if environ.get(f"{ENV_PREFIX}RESUME") else None,
+            checkpoint_every=environ.get(f"{ENV_PREFIX}CHECKPOINT_EVERY", "none") or "none",
+            keep_checkpoints=_int(environ, f"{ENV_PREFIX}KEEP_CHECKPOINTS", 2),
         )
         # 1 and 2 read the same variables: torchelastic sets the env:// set and more.
         if "RANK" in environ and "WORLD_SIZE" in environ:
@@ -79,6 +86,7 @@ class DistEnv:
                 world_size=_int(environ, "WORLD_SIZE", 1),
                 local_world_size=_int(environ, "LOCAL_WORLD_SIZE", 1),
                 node_rank=_int(environ, "GROUP_RANK", 0),
+                agent_store=environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
                 master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
                 master_port=_int(environ, "MASTER_PORT", 0),
                 source="torchelastic" if "TORCHELASTIC_RUN_ID" in environ else "env",

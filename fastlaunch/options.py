@@ -10,12 +10,13 @@ import yaml
 from .errors import UsageError
 
 __all__ = ["DEFAULTS", "VALUE_FLAGS", "BOOL_FLAGS", "parse_tokens", "load_launch_file", "load_accelerate_config",
-           "merged_options", "SLURM_KEYS"]
+           "merged_options", "options_of_run", "SLURM_KEYS"]
 
 DEFAULTS: dict[str, Any] = {
     "gpus": "auto", "cpu": None, "precision": "no", "run_dir": None, "port": None, "max_restarts": 0,
     "seed": None, "verbose": False, "keep_global_batch": False, "nnodes": "1", "node_rank": None,
-    "rdzv_endpoint": None, "rdzv_id": None, "grace": 30, "hang_timeout": 600, "config": None, "accelerate_config": None,
+    "rdzv_endpoint": None, "rdzv_id": None, "grace": 30, "hang_timeout": 600,
+    "checkpoint_every": "none", "keep_checkpoints": 2, "resume": None, "config": None, "accelerate_config": None,
 }
 BOOL_FLAGS = tuple(f"--{k.replace('_', '-')}" for k, v in DEFAULTS.items() if isinstance(v, bool))
 VALUE_FLAGS = tuple(f"--{k.replace('_', '-')}" for k, v in DEFAULTS.items() if not isinstance(v, bool))
@@ -89,11 +90,25 @@ def load_accelerate_config(path: str) -> dict[str, Any]:
     return out
 
 
-def merged_options(tokens: list[str], extra_keys: tuple[str, ...] = ()) -> tuple[dict[str, Any], set[str]]:
-    """Defaults, then --accelerate-config, then --config, then the command line; and the keys set by any."""
+def options_of_run(saved: dict[str, Any]) -> dict[str, Any]:
+    """The options that made a run, from its launch.yaml (for --resume)."""
+    opts = {("cpu" if saved["device"] == "cpu" else "gpus"): saved["nproc_per_node"]}
+    for key in ("precision", "seed", "keep_global_batch", "grace", "hang_timeout", "checkpoint_every",
+                "keep_checkpoints", "max_restarts", "node_rank", "rdzv_endpoint", "rdzv_id"):
+        if saved.get(key) is not None:
+            opts[key] = saved[key]
+    lo, hi = saved.get("min_nodes", 1), saved.get("max_nodes", 1)
+    opts["nnodes"] = str(hi) if lo == hi else f"{lo}:{hi}"
+    return opts
+
+
+def merged_options(tokens: list[str], extra_keys: tuple[str, ...] = (),
+                   base: dict[str, Any] | None = None) -> tuple[dict[str, Any], set[str]]:
+    """Defaults, then `base` (a resumed run's options), then --accelerate-config, then --config, then the
+    command line; and the keys set by any of them."""
     cli, given = parse_tokens(tokens)
     opts = dict(DEFAULTS)
-    layers = []
+    layers = [base] if base else []
     if cli["accelerate_config"]:
         layers.append(load_accelerate_config(str(cli["accelerate_config"])))
     if cli["config"]:

@@ -134,6 +134,19 @@ def _check_not_nested(environ: Mapping[str, str]) -> list[str]:
             "variables; use fastlaunch's flags or --config)"] if stale else []
 
 
+def _resume_checkpoint(run_dir: object) -> Path | None:
+    """The newest checkpoint of the run to resume, or a HINT error when it has none."""
+    if not run_dir:
+        return None
+    from .checkpoint import latest
+
+    found = latest(Path(str(run_dir)))
+    if found is None:
+        raise UsageError("the run to resume has no checkpoint", f"{run_dir}/checkpoints",
+                         "runs checkpoint with --checkpoint-every epoch, or when stopped by SIGTERM/SIGUSR1")
+    return found.resolve()
+
+
 def build_config(opts: dict, given: set[str], script: str, script_args: list[str], *,
                  probe: Callable[[], GpuProbe] | None = None, cores: int | None = None,
                  bf16_probe: Callable[[], bool] | None = None, environ: Mapping[str, str] | None = None,
@@ -162,6 +175,11 @@ def build_config(opts: dict, given: set[str], script: str, script_args: list[str
     cores = usable_cores() if cores is None else cores
     nproc, device, rank_notes = _ranks(opts, probe, cores, slurm.gpus_on_node if slurm else None)
     grace = count("--grace", opts["grace"], 0)
+    every = str(opts["checkpoint_every"]).lower()
+    if every not in ("epoch", "none"):
+        raise UsageError("--checkpoint-every takes epoch or none", opts["checkpoint_every"],
+                         "use --checkpoint-every epoch")
+    resume_from = _resume_checkpoint(opts["resume"])
     hang_timeout = count("--hang-timeout", opts["hang_timeout"], 0)
     if precision is Precision.BF16 and device == "cuda" and not bf16_probe():
         raise UsageError("--precision bf16 on GPUs without bf16 support", "--precision bf16",
@@ -172,5 +190,6 @@ def build_config(opts: dict, given: set[str], script: str, script_args: list[str
         run_dir=run_dir, seed=seed, precision=precision, port=port, max_restarts=max_restarts,
         verbose=bool(opts["verbose"]), cpus_per_rank=max(1, cores // nproc),
         keep_global_batch=bool(opts["keep_global_batch"]), notes=tuple(notes + rank_notes), grace=grace,
-        hang_timeout=hang_timeout, **nodes,
+        hang_timeout=hang_timeout, checkpoint_every=every,
+        keep_checkpoints=count("--keep-checkpoints", opts["keep_checkpoints"], 1), resume_from=resume_from, **nodes,
     )

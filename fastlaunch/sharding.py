@@ -80,6 +80,7 @@ class ShardedDL(TfmdDL):
             seed = (denv.seed * 1_000_003 + next(_instances)) if denv.seed is not None else \
                 broadcast_object(random.getrandbits(31))
         self.dl, self.rank, self.world_size, self.seed, self.epoch = dl, rank, world_size, seed, 0
+        self.skip_batches = 0  # set when resuming mid-epoch: the next epoch starts after these batches
         self.bs = dl.bs or 1
         self.drop_last, self.dataset, self.num_workers = dl.drop_last, dl.dataset, dl.num_workers
         self.offs, self.pin_memory, self.indexed = dl.offs, dl.pin_memory, dl.indexed
@@ -101,7 +102,9 @@ class ShardedDL(TfmdDL):
     def get_idxs(self):
         self.dl.rng = random.Random(self.seed + self.epoch)  # the same order on every rank, new each epoch
         self.epoch += 1
-        return shard_indices(list(self.dl.get_idxs()), self.rank, self.world_size, self.bs, self.drop_last)
+        idxs = shard_indices(list(self.dl.get_idxs()), self.rank, self.world_size, self.bs, self.drop_last)
+        skip, self.skip_batches = self.skip_batches * self.bs, 0
+        return idxs[skip:]
 
     def to(self, device):
         self.device = device

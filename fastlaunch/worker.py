@@ -57,6 +57,32 @@ def _record_failure(exc: BaseException) -> None:
         pass
 
 
+def _dataloader_workers_ignore_stop_signals() -> None:
+    """The engine signals each rank's whole process group: DataLoader workers would die of the SIGTERM
+    meant for the rank, and the rank would fail with "DataLoader worker is killed". They ignore it and
+    go with their rank (parent-death signal) or at the DataLoader's own shutdown."""
+    from torch.utils.data._utils import signal_handling
+
+    original = signal_handling._set_worker_signal_handlers
+
+    def _set_worker_signal_handlers(*args):
+        original(*args)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+
+    signal_handling._set_worker_signal_handlers = _set_worker_signal_handlers
+
+
+def _on_stop_signal(signum, frame) -> None:
+    """SIGTERM/SIGUSR1: inside a distributed fit, ask every rank to stop at one batch and checkpoint;
+    elsewhere, leave now with the 'stopped by a signal' status."""
+    agreement = sys.modules.get("fastlaunch.callbacks.agreement")  # loaded once fastai is integrated
+    state = agreement.active_state() if agreement is not None else None
+    if state is None:
+        raise SystemExit(75)  # the engine's STOPPED_BY_SIGNAL
+    state.request(agreement.Preempted)
+
+
 def _exit_code(code: object) -> int:
     """SystemExit's code as an exit status."""
     if code is None:
@@ -99,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     launcher_pid = os.environ.get("FASTLAUNCH_LAUNCHER_PID")
     arm_parent_death(int(launcher_pid) if launcher_pid else None)
     faulthandler.register(signal.SIGUSR2, all_threads=True)  # the launcher asks a hung rank for its stack
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # the engine forwards these: stop at an agreed batch
+        signal.signal(sig, _on_stop_signal)
+    _dataloader_workers_ignore_stop_signals()
     from . import heartbeat
 
     heartbeat.install(denv.run_dir, denv.local_rank, denv.rank)

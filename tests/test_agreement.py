@@ -5,7 +5,7 @@ import pytest
 import torch
 from fastai.callback.core import CancelEpochException, CancelFitException, CancelTrainException
 
-from fastlaunch.callbacks.agreement import StopState
+from fastlaunch.callbacks.agreement import Preempted, StopState
 from fastlaunch.callbacks.metrics import interleave
 
 
@@ -13,25 +13,37 @@ def test_most_severe_request_wins_and_is_marked_agreed():
     state = StopState(torch.device("cpu"))
     state.request(CancelTrainException)
     state.request(CancelFitException)
-    assert state.outgoing().tolist() == [1.0, 0.0, 1.0]
+    assert state.outgoing().tolist() == [0.0, 1.0, 0.0, 1.0]  # preempt, fit, epoch, train
     with pytest.raises(CancelFitException) as exc:
-        state.agree([1.0, 0.0, 2.0])
-    assert exc.value.agreed and state.pending == [0, 0, 0]
+        state.agree([0.0, 1.0, 0.0, 2.0])
+    assert exc.value.agreed and state.pending == [0, 0, 0, 0]
 
 
 def test_stops_not_allowed_at_a_point_are_dropped():
     state = StopState(torch.device("cpu"))
     state.request(CancelTrainException)
-    state.agree([0.0, 0.0, 1.0], allowed=(CancelFitException, CancelEpochException))  # training is over
-    assert state.pending == [0, 0, 0]
-    state.agree([0.0, 0.0, 0.0])  # nothing asked: nothing raised
+    state.agree([0.0, 0.0, 0.0, 1.0], allowed=(CancelFitException, CancelEpochException))  # training is over
+    assert state.pending == [0, 0, 0, 0]
+    state.agree([0.0, 0.0, 0.0, 0.0])  # nothing asked: nothing raised
+
+
+def test_a_preemption_waits_for_a_batch_boundary_or_the_epoch_end_then_checkpoints_and_leaves():
+    state = StopState(torch.device("cpu"))
+    written = []
+    state.on_preempt = written.append
+    state.request(Preempted)
+    state.agree([1.0, 0.0, 0.0, 0.0], allowed=(CancelFitException, CancelEpochException))  # end of training
+    assert state.pending == [1, 0, 0, 0] and written == []  # kept, on every rank, for the epoch's end
+    with pytest.raises(SystemExit) as leaving:
+        state.agree(state.outgoing().tolist(), allowed=(Preempted, CancelFitException), position="epoch_end")
+    assert leaving.value.code == 75 and written == ["epoch_end"]
 
 
 def test_flags_carried_by_backward_are_read_once():
     state = StopState(torch.device("cpu"))
     assert state.take_received() is None
-    state.receive(torch.tensor([0.0, 1.0, 0.0]))
-    assert state.take_received() == [0.0, 1.0, 0.0]
+    state.receive(torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    assert state.take_received() == [0.0, 0.0, 1.0, 0.0]
     assert state.take_received() is None
 
 

@@ -1,5 +1,6 @@
 """fastlaunch's fastai callbacks, registered on every Learner through fastai.learner.defaults.callbacks."""
 from .agreement import AgreedStop
+from .checkpointing import EpochCheckpoints
 from .metrics import WholeSetMetrics
 from .placement import DistributedFit, FastlaunchDDP
 from .precision import DevicePrecision, LauncherPrecision
@@ -7,6 +8,7 @@ from .rank_zero import RankZeroOutput
 from .recorder import RecorderSync
 
 __all__ = ["AgreedStop", "WholeSetMetrics", "DistributedFit", "FastlaunchDDP", "DevicePrecision",
-           "LauncherPrecision", "RankZeroOutput", "RecorderSync", "CALLBACKS"]
+           "LauncherPrecision", "RankZeroOutput", "RecorderSync", "EpochCheckpoints", "CALLBACKS"]
 
-CALLBACKS = (DistributedFit, RankZeroOutput, RecorderSync, WholeSetMetrics, AgreedStop, LauncherPrecision)
+CALLBACKS = (DistributedFit, RankZeroOutput, RecorderSync, WholeSetMetrics, AgreedStop, LauncherPrecision,
+             EpochCheckpoints)

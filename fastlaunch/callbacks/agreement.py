@@ -3,7 +3,7 @@
 fastai's cancel exceptions (CancelFit/Epoch/Train) raised by any callback on any rank are held as a
 request instead of unwinding that rank alone (which would leave the others waiting in the next
 all-reduce forever). The request travels to the other ranks inside a collective that happens anyway:
-  - every training step: three extra numbers appended to DDP's last gradient bucket (a comm hook);
+  - every training step: four extra numbers appended to DDP's last gradient bucket (a comm hook);
   - at the end of training and of validation: the epoch-end reductions of the recorder and metrics;
   - at the end of each epoch (after the trackers): one small all_reduce per epoch.
 Every rank reads the same summed flags at the same point and raises the same exception there.
@@ -15,10 +15,26 @@ import torch.distributed as dist
 from fastai.callback.core import (Callback, CancelEpochException, CancelFitException,
                                   CancelTrainException)
 
-__all__ = ["StopState", "AgreedStop", "flag_bucket_hook", "ROUTED", "stop_state"]
+__all__ = ["StopState", "AgreedStop", "flag_bucket_hook", "ROUTED", "KINDS", "Preempted", "stop_state",
+           "active_state", "STOPPED_BY_SIGNAL"]
 
-# Most severe first: a request for a bigger stop wins when several are pending.
+STOPPED_BY_SIGNAL = 75  # the exit status of ranks stopped (and checkpointed) by SIGTERM/SIGUSR1
+
+
+class Preempted(Exception):
+    """A stop asked by a signal (SIGTERM, SIGUSR1): checkpoint, then leave with STOPPED_BY_SIGNAL."""
+
+
+# The cancels fastai's callbacks raise, routed through agreement.
 ROUTED = (CancelFitException, CancelEpochException, CancelTrainException)
+# Every kind of stop, most severe first: a request for a bigger stop wins when several are pending.
+KINDS = (Preempted, *ROUTED)
+_active: "StopState | None" = None
+
+
+def active_state() -> "StopState | None":
+    """The StopState of the distributed fit running in this process, if any (for signal handlers)."""
+    return _active if _active is not None and _active.active else None
 _all_reduce = dist.all_reduce  # captured once: DDP's own traffic, not counted as fastlaunch collectives
 
 
@@ -26,15 +42,18 @@ class StopState:
     """This rank's pending stop requests, and the flags last received from all ranks."""
 
     def __init__(self, device: torch.device):
+        global _active
         self.device = device
-        self.pending = [0, 0, 0]  # per ROUTED class
+        self.pending = [0] * len(KINDS)
         self.active = False
+        self.on_preempt = None  # called on every rank as (position,) before leaving; rank 0 checkpoints
+        _active = self
         self._received: torch.Tensor | None = None
         self._in_flight: tuple[torch.Tensor, object] | None = None
 
     def request(self, exc_type: type) -> None:
         """Hold a cancel raised on this rank until every rank can act on it."""
-        for i, cls in enumerate(ROUTED):
+        for i, cls in enumerate(KINDS):
             if issubclass(exc_type, cls):
                 self.pending[i] = 1
                 return
@@ -69,14 +88,28 @@ class StopState:
         event.synchronize()  # recorded a whole step ago: already complete in practice
         return previous.tolist()
 
-    def agree(self, summed: list[float], allowed: tuple[type, ...] = ROUTED) -> None:
-        """Raise, on every rank alike, the most severe stop any rank asked for (if allowed here)."""
-        self.pending = [0, 0, 0]
-        for flag, cls in zip(summed, ROUTED):
-            if flag > 0 and cls in allowed:
-                exc = cls()
-                exc.agreed = True  # raised by agreement: not intercepted again
-                raise exc
+    def agree(self, summed: list[float], allowed: tuple[type, ...] = KINDS, position: str = "batch") -> None:
+        """Act, on every rank alike, on the most severe stop any rank asked for (if allowed here).
+
+        A preemption is acted on between batches or at the end of an epoch; elsewhere (end of training,
+        end of validation) it stays pending on every rank until the end of the epoch.
+        """
+        self.pending = [0] * len(KINDS)
+        for flag, cls in zip(summed, KINDS):
+            if flag <= 0:
+                continue
+            if cls is Preempted and Preempted not in allowed:
+                self.pending[0] = 1  # every rank saw the same sum: every rank keeps it for the epoch's end
+                continue
+            if cls not in allowed:
+                continue
+            if cls is Preempted:
+                if self.on_preempt is not None:
+                    self.on_preempt(position)
+                raise SystemExit(STOPPED_BY_SIGNAL)
+            exc = cls()
+            exc.agreed = True  # raised by agreement: not intercepted again
+            raise exc
 
 
 def stop_state(learn) -> StopState | None:
@@ -97,8 +130,8 @@ def flag_bucket_hook(state: StopState, bucket) -> torch.futures.Future:
 
     def unpack(f):
         out = f.value()[0]
-        state.receive(out[-len(ROUTED):])
-        return out[: -len(ROUTED)]
+        state.receive(out[-len(KINDS):])
+        return out[: -len(KINDS)]
 
     return fut.then(unpack)
 
@@ -126,10 +159,12 @@ class AgreedStop(Callback):
             return
         flags = state.outgoing()
         dist.all_reduce(flags)
-        state.agree(flags.tolist(), allowed=(CancelFitException,))  # nothing but a fit stop is left here
+        state.agree(flags.tolist(), allowed=(Preempted, CancelFitException), position="epoch_end")
 
     def after_fit(self):
+        global _active
         state = getattr(self.learn, "_fastlaunch_stop", None)
         if state is not None:
             state.active = False
             self.learn._fastlaunch_stop = None
+            _active = None

@@ -13,7 +13,7 @@ from fastai.callback.core import Callback, CancelEpochException, CancelFitExcept
 
 from ..comm import all_gather_object
 from ..sharding import ShardedDL
-from .agreement import stop_state
+from .agreement import KINDS, stop_state
 
 __all__ = ["WholeSetMetrics", "interleave"]
 
@@ -65,7 +65,7 @@ class WholeSetMetrics(Callback):
         local = None if self._chunks is None or not self._chunks else \
             [torch.cat(parts).cpu() for parts in zip(*self._chunks)]
         gathered = all_gather_object((local, state.pending))
-        flags = [sum(p[i] for _, p in gathered) for i in range(3)]
+        flags = [sum(p[i] for _, p in gathered) for i in range(len(KINDS))]
         parts = [g for g, _ in gathered]
         if all(p is not None for p in parts):
             self._replay(parts)

@@ -40,6 +40,11 @@ def _per_rank_bs(dl, denv) -> int | None:
     return max(1, dl.bs // denv.world_size)
 
 
+def _loader_seed(denv, fit_index: int, loader: int) -> int | None:
+    """The data order's seed: the same on every rank, and again when a run resumes this fit."""
+    return None if denv.seed is None else (denv.seed * 1_000_003 + fit_index * 64 + loader) % 2**62
+
+
 def _say_global_batch(train_dl, denv) -> None:
     """One line on rank 0: DDP makes the global batch per-rank bs x ranks."""
     line = (f"fastlaunch: global batch {train_dl.bs * denv.world_size} = {train_dl.bs} x {denv.world_size} ranks"
@@ -76,9 +81,11 @@ class DistributedFit(Callback):
             return
         ensure_process_group(denv)
         self._old_loaders = list(self.learn.dls.loaders)
+        fit_index = getattr(self.learn, "_fastlaunch_fit_index", 0)
         self.learn.dls.loaders = [dl if isinstance(dl, ShardedDL) else
-                                  ShardedDL(dl, device=device, bs=_per_rank_bs(dl, denv))
-                                  for dl in self._old_loaders]
+                                  ShardedDL(dl, device=device, bs=_per_rank_bs(dl, denv),
+                                            seed=_loader_seed(denv, fit_index, i))
+                                  for i, dl in enumerate(self._old_loaders)]
         _say_global_batch(self.learn.dls.loaders[0], denv)
         self.learn.dls.to(device)
         # DDP broadcasts rank 0's parameters and buffers at construction: every rank starts identical.

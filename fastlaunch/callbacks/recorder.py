@@ -12,7 +12,7 @@ import torch.distributed as dist
 from fastai.callback.core import Callback, CancelEpochException, CancelFitException
 from fastai.learner import Recorder
 
-from .agreement import stop_state
+from .agreement import KINDS, stop_state
 
 __all__ = ["RecorderSync"]
 
@@ -47,7 +47,7 @@ class RecorderSync(Callback):
         self._synced = len(rec.losses)
         if n:
             self.learn.smooth_loss = rec.smooth_loss.value
-        return packed[-3:].tolist()
+        return packed[-len(KINDS):].tolist()
 
     def after_train(self):
         state = stop_state(self.learn)

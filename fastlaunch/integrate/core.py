@@ -45,11 +45,18 @@ def patch_fit_marks_real_fits() -> None:
 
     @functools.wraps(original)
     def fit(self, *args, **kwargs):
+        from ..callbacks.checkpointing import begin_fit
+
         _ensure_callbacks(self)
-        self._fastlaunch_fit_depth = getattr(self, "_fastlaunch_fit_depth", 0) + 1
+        depth = getattr(self, "_fastlaunch_fit_depth", 0)
+        extra = begin_fit(self) if depth == 0 else []
+        if extra is None:  # finished before the checkpoint this run resumes from
+            return None
+        self._fastlaunch_fit_depth = depth + 1
         heartbeat.set_flag(heartbeat.IN_FIT)
         try:
-            return original(self, *args, **kwargs)
+            with self.added_cbs(extra):
+                return original(self, *args, **kwargs)
         finally:
             self._fastlaunch_fit_depth -= 1
             heartbeat.set_flag(heartbeat.IN_FIT, self._fastlaunch_fit_depth > 0)
@@ -68,6 +75,19 @@ def _as_fastai_class(cb):
     stand_in.__class__ = DevicePrecision.__mro__[1]  # fastai's MixedPrecision
     stand_in.amp_mode = AMPMode(cb.amp_mode)
     return stand_in
+
+
+def patch_fit_can_start_mid_run() -> None:
+    """fastai's fit loop always starts at epoch 0; a resumed fit starts at the checkpoint's epoch."""
+    from fastai.callback.core import CancelEpochException
+    from fastai.learner import Learner
+
+    def _do_fit(self):
+        for epoch in range(getattr(self, "_fastlaunch_start_epoch", 0), self.n_epoch):
+            self.epoch = epoch
+            self._with_events(self._do_epoch, "epoch", CancelEpochException)
+
+    Learner._do_fit = _do_fit
 
 
 def patch_export_without_fastlaunch() -> None:
@@ -169,6 +189,6 @@ def patch_cancels_are_agreed() -> None:
     Learner._call_one = _call_one
 
 
-CORE_PATCHES = (patch_fit_marks_real_fits, patch_export_without_fastlaunch, patch_distributed_ctx_noop,
+CORE_PATCHES = (patch_fit_marks_real_fits, patch_fit_can_start_mid_run, patch_export_without_fastlaunch, patch_distributed_ctx_noop,
                 patch_distributed_dl, patch_maybe_gather_local, patch_barrier_starts_group,
                 patch_cancels_are_agreed)

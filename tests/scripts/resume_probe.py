@@ -1,0 +1,56 @@
+"""A fastai script that trains 4 epochs; for the checkpoint and resume tests it also writes what it saw.
+
+$FL_MODE: slow (a pause per batch, and $FL_PROBE_OUT/ready-rank<R> at epoch 1's 3rd batch, so a signal lands
+mid-epoch), fail_once (rank 1 raises at epoch 2's 4th batch on the first attempt only), or plain."""
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from fastai.basics import Callback, Datasets, IndexSplitter, Learner, accuracy
+from fastai.callback.schedule import *  # noqa: F401,F403
+from torch import nn
+
+MODE = os.environ.get("FL_MODE", "plain")
+OUT = Path(os.environ["FL_PROBE_OUT"])
+RANK = int(os.environ.get("RANK", 0))
+ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
+def features(i):
+    g = torch.Generator().manual_seed(int(i))
+    return torch.randn(2, generator=g)
+
+
+def label(i):
+    x = features(i)
+    return int(x[0] * x[1] > 0)
+
+
+class Pace(Callback):
+    def before_fit(self): self.seen = []
+
+    def after_batch(self):
+        if not self.training:
+            return
+        self.seen.append((self.epoch, self.train_iter))
+        if MODE == "slow":
+            time.sleep(0.15)
+            if self.epoch == 1 and self.iter == 2:
+                (OUT / f"ready-rank{RANK}").touch()
+        if MODE == "fail_once" and ATTEMPT == 0 and RANK == 1 and self.epoch == 2 and self.iter == 3:
+            raise RuntimeError("rank 1 fails once")
+
+
+items = list(range(1024 + 256))
+dsets = Datasets(items, tfms=[[features], [label]], splits=IndexSplitter(list(range(1024, 1280)))(items))
+pace = Pace()
+learn = Learner(dsets.dataloaders(bs=64), nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 2)),
+                loss_func=nn.CrossEntropyLoss(), metrics=accuracy, cbs=pace)
+learn.fit_one_cycle(4, 1e-2)
+rec = learn.recorder
+out = {"values": [[float(v) for v in row] for row in rec.values], "n_losses": len(rec.losses),
+       "lrs": [float(v) for v in rec.lrs], "seen": pace.seen, "attempt": ATTEMPT,
+       "weights": sum(float(p.double().sum()) for p in learn.model.parameters())}
+(OUT / f"rank{RANK}.json").write_text(json.dumps(out))
