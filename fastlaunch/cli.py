@@ -14,7 +14,7 @@ from .resolve import build_config
 __all__ = ["main", "run", "split_argv", "HELP", "SUBCOMMANDS"]
 
 _HELP_FLAGS = ("-h", "--help")
-SUBCOMMANDS = ("slurm",)
+SUBCOMMANDS = ("slurm", "new", "doctor")
 
 HELP = """\
 usage: fastlaunch [launcher flags] SCRIPT [script arguments...]
@@ -56,6 +56,8 @@ several machines (run the same command on each; under srun, Slurm fills these in
 
 subcommands:
   fastlaunch slurm --nodes N --gpus G --time T [--partition P] train.py args > job.sbatch
+  fastlaunch new DIR --template minimal|vision|tabular|text
+  fastlaunch doctor [--json] [train.py args]
 
 examples:
   fastlaunch --gpus 4 train.py --epochs 5 --lr 1e-3
@@ -129,6 +131,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .cluster.slurm_command import slurm_main
 
         return slurm_main(argv[1:])
+    if argv and argv[0] == "new":
+        from .scaffold import new_main
+
+        return new_main(argv[1:])
+    if argv and argv[0] == "doctor":
+        from .doctor_cli import doctor_main
+
+        return doctor_main(argv[1:])
     try:
         tokens, script, script_args = split_argv(argv)
         if any(t in _HELP_FLAGS for t in tokens) or (script is None and not tokens):

@@ -6,11 +6,13 @@ without its collate_fn, sampler or worker_init_fn.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
 import random
 
+import numpy as np
 import torch
 from fastai.data.core import TfmdDL
 from fastai.data.load import DataLoader, _FakeLoader
@@ -39,6 +41,20 @@ def shard_indices(idxs: list, rank: int, world: int, bs: int, drop_last: bool) -
     elif pad:
         idxs = idxs + (idxs * math.ceil(pad / max(len(idxs), 1)))[:pad]
     return idxs[rank::world]
+
+
+@contextlib.contextmanager
+def _agreed_global_rng(seed: int):
+    """Seed python's and numpy's global generators alike on every rank for a moment, then put back
+    each rank's own state (augmentation keeps drawing differently per rank)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def _from_torch(dl: torch.utils.data.DataLoader) -> DataLoader:
@@ -101,8 +117,10 @@ class ShardedDL(TfmdDL):
 
     def get_idxs(self):
         self.dl.rng = random.Random(self.seed + self.epoch)  # the same order on every rank, new each epoch
+        with _agreed_global_rng(self.seed + self.epoch):  # loaders that shuffle with numpy's (SortedDL)
+            base = list(self.dl.get_idxs())
         self.epoch += 1
-        idxs = shard_indices(list(self.dl.get_idxs()), self.rank, self.world_size, self.bs, self.drop_last)
+        idxs = shard_indices(base, self.rank, self.world_size, self.bs, self.drop_last)
         skip, self.skip_batches = self.skip_batches * self.bs, 0
         return idxs[skip:]
 

@@ -5,11 +5,11 @@ import re
 import shlex
 import subprocess
 from dataclasses import dataclass
-from importlib import resources
 from string import Template
 from typing import Callable, Sequence
 
 from ..env import SlurmFacts
+from ..resources import data_path
 
 __all__ = ["parse_nodelist", "node_addr", "job_port", "rendezvous_endpoint", "SbatchSpec", "render_sbatch"]
 
@@ -96,12 +96,7 @@ class SbatchSpec:
 
 
 def _template() -> Template:
-    text = resources.files("fastlaunch").joinpath("launch_configs/slurm/job.sbatch")
-    if not text.is_file():  # running from a source checkout: the folder sits beside the package
-        from pathlib import Path
-
-        text = Path(__file__).resolve().parents[2] / "launch_configs" / "slurm" / "job.sbatch"
-    return Template(text.read_text())
+    return Template(data_path("launch_configs", "slurm", "job.sbatch").read_text())
 
 
 def render_sbatch(spec: SbatchSpec) -> str:

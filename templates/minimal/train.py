@@ -2,9 +2,10 @@
 
 No download, no GPU needed: the data is generated here. Run it as it is, or on more devices:
 
-    python train.py --epochs 3                 # one process, as you would without fastlaunch
+    python train.py --epochs 3                 # one GPU, or the CPU, as you would without fastlaunch
     fastlaunch --cpu 2 train.py --epochs 3     # 2 CPU ranks over gloo
     fastlaunch --gpus 4 train.py --epochs 3    # 4 GPUs on this machine
+    fastlaunch slurm --nodes 2 --gpus 8 --time 1:00:00 train.py --epochs 10 > job.sbatch; sbatch job.sbatch
 
 The script has no distributed code: fastlaunch shards the data, wraps the model and
 keeps the output on rank 0.

@@ -1,0 +1,81 @@
+"""`fastlaunch new DIR --template NAME`: a ready project from a template, never overwriting a file."""
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+from string import Template
+from typing import Sequence
+
+from .errors import UsageError
+from .resources import data_path
+
+__all__ = ["TEMPLATES", "template_files", "create_project", "new_main"]
+
+TEMPLATES = ("minimal", "vision", "tabular", "text")
+_COMMON = ("README.md", "launch.yaml", "test_smoke.py")
+
+NEW_HELP = """\
+usage: fastlaunch new DIR [--template minimal|vision|tabular|text] [--force]
+
+Creates DIR with train.py (an ordinary fastai script), README.md, launch.yaml and test_smoke.py.
+Existing files are never overwritten; --force overwrites the template's own files only.
+"""
+
+
+def template_files(template: str, project: str) -> dict[str, str]:
+    """The files of a template, rendered for a project: {relative name: text}."""
+    if template not in TEMPLATES:
+        raise UsageError("unknown template", template, f"use one of: {', '.join(TEMPLATES)}")
+    train = data_path("templates", template, "train.py").read_text()
+    title = (ast.get_docstring(ast.parse(train)) or "").splitlines()[0]
+    files = {"train.py": train}
+    for name in _COMMON:
+        text = data_path("templates", "_common", name).read_text()
+        files[name] = Template(text).safe_substitute(project=project, title=title, template=template)
+    return files
+
+
+def create_project(target: Path, template: str = "minimal", force: bool = False) -> list[Path]:
+    """Write the template into target; refuse (listing them) when its files exist, unless force."""
+    files = template_files(template, target.name)
+    existing = sorted(name for name in files if (target / name).exists())
+    if existing and not force:
+        raise UsageError(f"{target} already holds files of the template", ", ".join(existing),
+                         "choose another directory, or pass --force to overwrite these files (others stay)")
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in files.items():
+        (target / name).write_text(text)
+        written.append(target / name)
+    return written
+
+
+def new_main(argv: Sequence[str]) -> int:
+    """`fastlaunch new`: exit 0, or 2 with a HINT for bad input."""
+    args = list(argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(NEW_HELP, end="")
+        return 0
+    try:
+        force = "--force" in args
+        args = [a for a in args if a != "--force"]
+        template = "minimal"
+        for flag in ("--template", "-t"):
+            if flag in args:
+                i = args.index(flag)
+                if i + 1 >= len(args):
+                    raise UsageError("--template needs a name", "nothing", f"use one of: {', '.join(TEMPLATES)}")
+                template = args[i + 1]
+                del args[i:i + 2]
+        if len(args) != 1 or args[0].startswith("-"):
+            raise UsageError("fastlaunch new takes one directory", " ".join(args) or "nothing",
+                             "fastlaunch new my_project --template vision")
+        written = create_project(Path(args[0]), template, force)
+    except UsageError as err:
+        print(err, file=sys.stderr)
+        return err.exit_code
+    print(f"fastlaunch: created {args[0]} from the {template} template: "
+          + ", ".join(p.name for p in written), file=sys.stderr)
+    print(f"fastlaunch: next: cd {args[0]} && fastlaunch --cpu 2 train.py --epochs 1", file=sys.stderr)
+    return 0
