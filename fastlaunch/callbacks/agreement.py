@@ -118,22 +118,36 @@ def stop_state(learn) -> StopState | None:
     return state if state is not None and state.active else None
 
 
+def _done(value: torch.Tensor) -> torch.futures.Future:
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(value)
+    return fut
+
+
 def flag_bucket_hook(state: StopState, bucket) -> torch.futures.Future:
-    """DDP comm hook: average the gradients; on the last bucket, sum the stop flags alongside."""
+    """DDP comm hook: average the gradients; on the last bucket, sum the stop flags alongside.
+
+    On CPU (gloo) each bucket is reduced on the calling thread: a Python continuation run by a gloo
+    thread takes CPython's thread-state lock, and a DataLoader worker forked at that instant deadlocks
+    in the child. On GPUs (NCCL) the work's future completes as it is enqueued, so the continuation
+    runs on the calling thread anyway and the reduction stays overlapped with the backward pass.
+    """
     world = dist.get_world_size()
     buffer = bucket.buffer()
-    if not bucket.is_last():
-        fut = _all_reduce(buffer.div_(world), async_op=True).get_future()
-        return fut.then(lambda f: f.value()[0])
-    packed = torch.cat([buffer.div(world), state.outgoing(buffer.dtype)])
+    last = bucket.is_last()
+    packed = torch.cat([buffer.div(world), state.outgoing(buffer.dtype)]) if last else buffer.div_(world)
+
+    def unpack(tensor: torch.Tensor) -> torch.Tensor:
+        if not last:
+            return tensor
+        state.receive(tensor[-len(KINDS):])
+        return tensor[: -len(KINDS)]
+
+    if buffer.device.type == "cpu":
+        _all_reduce(packed)
+        return _done(unpack(packed))
     fut = _all_reduce(packed, async_op=True).get_future()
-
-    def unpack(f):
-        out = f.value()[0]
-        state.receive(out[-len(KINDS):])
-        return out[: -len(KINDS)]
-
-    return fut.then(unpack)
+    return fut.then(lambda f: unpack(f.value()[0]))
 
 
 # DDP checks the hook's annotations as objects; this module's postponed annotations are strings.
