@@ -14,7 +14,7 @@ from .resolve import build_config
 __all__ = ["main", "run", "split_argv", "HELP", "SUBCOMMANDS"]
 
 _HELP_FLAGS = ("-h", "--help")
-SUBCOMMANDS = ("slurm", "new", "doctor")
+SUBCOMMANDS = ("slurm", "new", "doctor", "report")
 
 HELP = """\
 usage: fastlaunch [launcher flags] SCRIPT [script arguments...]
@@ -42,6 +42,7 @@ launcher flags (before SCRIPT):
   --keep-checkpoints K  per-epoch checkpoints kept (default 2)
   --resume RUN_DIR      continue that run from its newest checkpoint, mid-epoch if it stopped there
                         (script, arguments and flags come from RUN_DIR/launch.yaml unless given)
+  --no-instrument       no per-rank metrics and no report (on by default)
   --verbose             show the engine's own log lines
   --config FILE         a YAML launch config with these flags' names as keys (flags given here win)
   --accelerate-config FILE
@@ -58,6 +59,7 @@ subcommands:
   fastlaunch slurm --nodes N --gpus G --time T [--partition P] train.py args > job.sbatch
   fastlaunch new DIR --template minimal|vision|tabular|text
   fastlaunch doctor [--json] [train.py args]
+  fastlaunch report RUN_DIR
 
 examples:
   fastlaunch --gpus 4 train.py --epochs 5 --lr 1e-3
@@ -135,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .scaffold import new_main
 
         return new_main(argv[1:])
+    if argv and argv[0] == "report":
+        from .engine import report_main
+
+        return report_main(argv[1:])
     if argv and argv[0] == "doctor":
         from .doctor_cli import doctor_main
 

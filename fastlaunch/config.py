@@ -56,6 +56,7 @@ class LaunchConfig:
     checkpoint_every: str = "none"  # "epoch": rank 0 checkpoints after every epoch
     keep_checkpoints: int = 2
     resume_from: Path | None = None  # a checkpoint file this run continues from
+    instrument: bool = True  # per-rank memory, sync and timing records, and the report
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -78,6 +79,7 @@ class LaunchConfig:
             f"{ENV_PREFIX}CHECKPOINT_EVERY": self.checkpoint_every,
             f"{ENV_PREFIX}KEEP_CHECKPOINTS": str(self.keep_checkpoints),
             f"{ENV_PREFIX}RESUME": str(self.resume_from or ""),
+            f"{ENV_PREFIX}INSTRUMENT": "1" if self.instrument else "0",
             "PYTHONUNBUFFERED": "1",  # rank 0's output reaches the console as it comes
         }
         if "PYTHONHASHSEED" not in base:  # set and dict orders (vocabularies, splits) agree across ranks

@@ -9,6 +9,7 @@ import socket
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Iterator, Mapping
 
 from . import heartbeat, rendezvous
@@ -168,6 +169,43 @@ def _summarize_hang(verdict, logs_specs: RankLogsSpecs) -> int:
     return 1
 
 
+def _report(config: LaunchConfig, failed: list[int]) -> None:
+    """report.json and report.png from the ranks' records; the diagnoses on the console."""
+    from .instrument.report import build_report, render_text
+
+    try:
+        report = build_report(config.run_dir, config.nproc_per_node if not config.multi_node else 0, failed)
+    except Exception as err:  # a report must never hide the job's own outcome
+        print(f"fastlaunch: no report ({type(err).__name__}: {err})", file=sys.stderr)
+        return
+    if report["epochs"] or report["missing"]:
+        print(render_text(report), file=sys.stderr)
+
+
+def report_main(argv) -> int:
+    """`fastlaunch report RUN_DIR`: print a run's report again (built anew from its records)."""
+    import json
+
+    from .errors import UsageError
+    from .instrument.report import build_report, render_text
+
+    try:
+        if len(argv) != 1:
+            raise UsageError("fastlaunch report takes one run directory", " ".join(argv) or "nothing",
+                             "fastlaunch report runs/<stamp>-<stem>")
+        run_dir = Path(argv[0])
+        if not (run_dir / "metrics").is_dir():
+            raise UsageError("no metrics in that run directory", run_dir,
+                             "pass a run directory of a fit run without --no-instrument")
+    except UsageError as err:
+        print(err, file=sys.stderr)
+        return err.exit_code
+    world = json.loads((run_dir / "report.json").read_text())["world_size"] if (run_dir / "report.json").exists() \
+        else 0
+    print(render_text(build_report(run_dir, world)))
+    return 0
+
+
 def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
     """Start the ranks through the elastic agent; return the job's exit status.
 
@@ -189,7 +227,7 @@ def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
     follower = ConsoleFollower(sys.stdout)
     logs_specs = RankLogsSpecs(config.run_dir / "logs", console_rank=0, on_console_log=follower.follow)
     started = time.monotonic()
-    status = 0
+    status, failed = 0, []
     port = 0
     if not config.multi_node:
         listener = listener or rendezvous.bind_loopback(config.port)
@@ -205,6 +243,7 @@ def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
     except ChildFailedError as err:
         status = _summarize_hang(watch.verdict, logs_specs) if watch.verdict else \
             _summarize_failure(err, logs_specs, console_rank=0)
+        failed = [watch.verdict[0].rank] if watch.verdict else [root_cause(err.failures)]
     except KeyboardInterrupt:
         print("fastlaunch: interrupted; ranks stopped", file=sys.stderr)
         status = 130
@@ -212,6 +251,8 @@ def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
         name = signal.Signals(sig.sigval).name
         print(f"fastlaunch: {name} received; ranks stopped", file=sys.stderr)
         status = STOPPED_BY_SIGNAL if sig.sigval in (signal.SIGTERM, signal.SIGUSR1) else 128 + int(sig.sigval)
+    if config.instrument:
+        _report(config, failed)
     if status == 0:
         print(f"fastlaunch: done in {time.monotonic() - started:.1f}s; run dir {config.run_dir}", file=sys.stderr)
     return status

@@ -46,6 +46,7 @@ class DistEnv:
     resume_from: Path | None = None
     checkpoint_every: str = "none"
     keep_checkpoints: int = 2
+    instrument: bool = True
 
     @property
     def is_distributed(self) -> bool:
@@ -77,6 +78,7 @@ class DistEnv:
             resume_from=Path(environ[f"{ENV_PREFIX}RESUME"]) if environ.get(f"{ENV_PREFIX}RESUME") else None,
             checkpoint_every=environ.get(f"{ENV_PREFIX}CHECKPOINT_EVERY", "none") or "none",
             keep_checkpoints=_int(environ, f"{ENV_PREFIX}KEEP_CHECKPOINTS", 2),
+            instrument=environ.get(f"{ENV_PREFIX}INSTRUMENT", "1") != "0",
         )
         # 1 and 2 read the same variables: torchelastic sets the env:// set and more.
         if "RANK" in environ and "WORLD_SIZE" in environ:

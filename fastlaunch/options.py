@@ -16,7 +16,7 @@ DEFAULTS: dict[str, Any] = {
     "gpus": "auto", "cpu": None, "precision": "no", "run_dir": None, "port": None, "max_restarts": 0,
     "seed": None, "verbose": False, "keep_global_batch": False, "nnodes": "1", "node_rank": None,
     "rdzv_endpoint": None, "rdzv_id": None, "grace": 30, "hang_timeout": 600,
-    "checkpoint_every": "none", "keep_checkpoints": 2, "resume": None, "config": None, "accelerate_config": None,
+    "checkpoint_every": "none", "keep_checkpoints": 2, "resume": None, "no_instrument": False, "config": None, "accelerate_config": None,
 }
 BOOL_FLAGS = tuple(f"--{k.replace('_', '-')}" for k, v in DEFAULTS.items() if isinstance(v, bool))
 VALUE_FLAGS = tuple(f"--{k.replace('_', '-')}" for k, v in DEFAULTS.items() if not isinstance(v, bool))
@@ -39,7 +39,11 @@ def parse_tokens(tokens: list[str]) -> tuple[dict[str, Any], set[str]]:
         parsed.update(kwargs)
 
     fire.Fire(_options, command=tokens, name="fastlaunch")
-    return {**DEFAULTS, **parsed}, _given(tokens)
+    opts = {**DEFAULTS, **{k.replace("-", "_"): v for k, v in parsed.items()}}
+    for flag in BOOL_FLAGS:  # fire reads --no-x as x=False: booleans are taken from the tokens themselves
+        key = flag[2:].replace("-", "_")
+        opts[key] = flag in tokens
+    return opts, _given(tokens)
 
 
 def _read_yaml(path: str, flag: str) -> dict:

@@ -191,5 +191,6 @@ def build_config(opts: dict, given: set[str], script: str, script_args: list[str
         verbose=bool(opts["verbose"]), cpus_per_rank=max(1, cores // nproc),
         keep_global_batch=bool(opts["keep_global_batch"]), notes=tuple(notes + rank_notes), grace=grace,
         hang_timeout=hang_timeout, checkpoint_every=every,
-        keep_checkpoints=count("--keep-checkpoints", opts["keep_checkpoints"], 1), resume_from=resume_from, **nodes,
+        keep_checkpoints=count("--keep-checkpoints", opts["keep_checkpoints"], 1), resume_from=resume_from,
+        instrument=not opts["no_instrument"], **nodes,
     )

@@ -1,6 +1,7 @@
 """fastlaunch's fastai callbacks, registered on every Learner through fastai.learner.defaults.callbacks."""
 from .agreement import AgreedStop
 from .checkpointing import EpochCheckpoints
+from .instrument import Instrument
 from .metrics import WholeSetMetrics
 from .placement import DistributedFit, FastlaunchDDP
 from .precision import DevicePrecision, LauncherPrecision
@@ -8,7 +9,7 @@ from .rank_zero import RankZeroOutput
 from .recorder import RecorderSync
 
 __all__ = ["AgreedStop", "WholeSetMetrics", "DistributedFit", "FastlaunchDDP", "DevicePrecision",
-           "LauncherPrecision", "RankZeroOutput", "RecorderSync", "EpochCheckpoints", "CALLBACKS"]
+           "LauncherPrecision", "RankZeroOutput", "RecorderSync", "EpochCheckpoints", "Instrument", "CALLBACKS"]
 
 CALLBACKS = (DistributedFit, RankZeroOutput, RecorderSync, WholeSetMetrics, AgreedStop, LauncherPrecision,
-             EpochCheckpoints)
+             EpochCheckpoints, Instrument)

@@ -10,6 +10,8 @@ Every rank reads the same summed flags at the same point and raises the same exc
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from fastai.callback.core import (Callback, CancelEpochException, CancelFitException,
@@ -77,7 +79,8 @@ class StopState:
         if received is None:
             return None
         if received.device.type != "cuda":
-            return received.tolist()
+            with _not_a_sync():  # already on the host: reading it waits for nothing
+                return received.tolist()
         previous, event = self._in_flight or (None, None)
         host = received.to("cpu", non_blocking=True)
         done = torch.cuda.Event()
@@ -86,7 +89,8 @@ class StopState:
         if previous is None:
             return None
         event.synchronize()  # recorded a whole step ago: already complete in practice
-        return previous.tolist()
+        with _not_a_sync():
+            return previous.tolist()
 
     def agree(self, summed: list[float], allowed: tuple[type, ...] = KINDS, position: str = "batch") -> None:
         """Act, on every rank alike, on the most severe stop any rank asked for (if allowed here).
@@ -110,6 +114,13 @@ class StopState:
             exc = cls()
             exc.agreed = True  # raised by agreement: not intercepted again
             raise exc
+
+
+def _not_a_sync():
+    """Reads of host tensors fastlaunch made itself are not counted as the script's syncs."""
+    from ..instrument import syncs
+
+    return syncs.counter.paused() if syncs.counter is not None else contextlib.nullcontext()
 
 
 def stop_state(learn) -> StopState | None:

@@ -31,11 +31,13 @@ class RecorderSync(Callback):
         tail = rec.losses[self._synced:]
         mets = [m for m in rec._train_mets[1:] if hasattr(m, "total") and hasattr(m, "count")] \
             if with_metrics else []
-        parts = [torch.stack([torch.as_tensor(v, dtype=torch.float32).cpu() for v in tail]) if tail
-                 else torch.empty(0), torch.as_tensor(rec.smooth_loss.val, dtype=torch.float32).reshape(1).cpu()]
-        parts += [torch.tensor([float(m.total), float(m.count)]) for m in mets]
-        parts.append(state.outgoing().cpu())
-        packed = torch.cat(parts).to(state.device)
+        on = dict(dtype=torch.float32, device=state.device)  # the losses stay where they are: one copy
+        parts = [torch.stack([torch.as_tensor(v, **on).reshape(()) for v in tail]) if tail else torch.empty(0, **on),
+                 torch.as_tensor(rec.smooth_loss.val, **on).reshape(1)]
+        parts += [torch.stack([torch.as_tensor(m.total, **on).reshape(()), torch.as_tensor(m.count, **on).reshape(())])
+                  for m in mets]
+        parts.append(state.outgoing())
+        packed = torch.cat(parts)
         dist.all_reduce(packed)
         packed = packed.cpu()
         world = dist.get_world_size()

@@ -1,7 +1,8 @@
 """fastai integration: fastlaunch's callbacks on every Learner, and the one home of every fastai patch.
 
 Each patch fixes one named defect of fastai (2.8) under data parallelism, is installed once per worker,
-and has a test. core.py: the fit and distributed path; side_effects.py: what a fit does besides training.
+and has a test. core.py: the fit and distributed path; side_effects.py: what a fit does besides training;
+nosync.py: fastai's per-step host-device syncs.
 """
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from fastcore.basics import defaults
 
 from ..comm import current_env
 from .core import CORE_PATCHES, fastlaunch_callbacks
+from .nosync import NOSYNC_PATCHES
 from .side_effects import SIDE_EFFECT_PATCHES
 
 __all__ = ["install", "PATCHES", "fastlaunch_callbacks"]
 
-PATCHES = CORE_PATCHES + SIDE_EFFECT_PATCHES
+PATCHES = CORE_PATCHES + SIDE_EFFECT_PATCHES + NOSYNC_PATCHES
 _installed = False
 
 

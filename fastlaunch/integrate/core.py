@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from .. import heartbeat
+from ..instrument import syncs
 from ..comm import barrier
 
 __all__ = ["replace_everywhere", "fastlaunch_callbacks", "CORE_PATCHES"]
@@ -174,17 +175,21 @@ def patch_cancels_are_agreed() -> None:
             raise Exception(f"missing {event_name}")
         state = None if event_name in passthrough else stop_state(self)
         epoch, iteration = getattr(self, "epoch", 0), getattr(self, "iter", 0)
+        counter = syncs.counter
         for cb in self.cbs.sorted("order"):
-            heartbeat.beat(f"{type(cb).__name__}.{event_name}", epoch, iteration)  # names a stuck callback
-            if state is None:
-                cb(event_name)
-                continue
+            where = f"{type(cb).__name__}.{event_name}"
+            heartbeat.beat(where, epoch, iteration)  # names a stuck callback
+            if counter is not None:
+                counter.source = where  # a sync made now is this callback's
             try:
                 cb(event_name)
             except ROUTED as exc:
-                if getattr(exc, "agreed", False):
+                if state is None or getattr(exc, "agreed", False):
                     raise
                 state.request(type(exc))  # the other callbacks of this event still run, as on every rank
+            finally:
+                if counter is not None:
+                    counter.source = "fastai"
 
     Learner._call_one = _call_one
 

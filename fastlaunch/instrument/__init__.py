@@ -1,0 +1,1 @@
+"""Per-rank instrumentation (memory, syncs, timing) and the report the launcher builds from it."""

@@ -1,0 +1,70 @@
+"""Host-device syncs, counted where they are made.
+
+Always-on counters wrap the Python entry points that wait for the device (Tensor.item, .cpu(), .tolist(),
+.numpy(), bool/float/int of a tensor, torch.cuda.synchronize) and count the calls made on tensors of the
+rank's compute device while a training step runs, so CPU ranks count the calls that would sync on a GPU.
+Each call is attributed to the fastai callback running (or to fastai's own step when none is).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections import Counter
+
+import torch
+
+__all__ = ["SyncCounter", "counter"]
+
+_METHODS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__")
+
+
+class SyncCounter:
+    """Counts (source, method) of sync calls while `counting` is on."""
+
+    def __init__(self, device_type: str):
+        self.device_type = device_type
+        self.counts: Counter = Counter()
+        self.source = "fastai"
+        self.counting = False
+        self._installed = False
+
+    def install(self) -> None:
+        if self._installed:
+            return
+        for name in _METHODS:
+            setattr(torch.Tensor, name, self._wrap(getattr(torch.Tensor, name), name))
+        if hasattr(torch, "cuda"):
+            original = torch.cuda.synchronize
+
+            @functools.wraps(original)
+            def synchronize(*args, **kwargs):
+                if self.counting:
+                    self.counts[(self.source, "cuda.synchronize")] += 1
+                return original(*args, **kwargs)
+
+            torch.cuda.synchronize = synchronize
+        self._installed = True
+
+    def _wrap(self, original, name: str):
+        @functools.wraps(original)
+        def wrapper(tensor, *args, **kwargs):
+            if self.counting and tensor.device.type == self.device_type:
+                self.counts[(self.source, name)] += 1
+            return original(tensor, *args, **kwargs)
+        return wrapper
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Reads of host copies that never wait for the device (not syncs)."""
+        was, self.counting = self.counting, False
+        try:
+            yield
+        finally:
+            self.counting = was
+
+    def take(self) -> Counter:
+        counts, self.counts = self.counts, Counter()
+        return counts
+
+
+counter: SyncCounter | None = None  # this rank's, once installed

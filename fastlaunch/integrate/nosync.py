@@ -1,0 +1,60 @@
+"""Patches that take fastai's per-step host-device syncs out of the training step.
+
+Stock fastai waits for the GPU twice per step by default: AvgSmoothLoss moves the loss to the CPU
+(to_detach) every batch, and ProgressCallback reads it with .item() for the bar's comment every batch.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..instrument import syncs
+
+__all__ = ["NOSYNC_PATCHES"]
+
+
+def patch_smooth_loss_stays_on_device() -> None:
+    """AvgSmoothLoss keeps its running average on the loss's device; it is read once per epoch."""
+    from fastai.learner import AvgSmoothLoss
+
+    def accumulate(self, learn):
+        self.count += 1
+        loss = learn.loss.mean().detach()
+        self.val = torch.lerp(loss, torch.as_tensor(self.val, device=loss.device, dtype=loss.dtype), self.beta)
+
+    AvgSmoothLoss.accumulate = accumulate
+
+
+def patch_progress_comment_without_sync() -> None:
+    """The progress bar shows the smoothed loss copied to the host without blocking, one step late."""
+    from fastai.callback.progress import ProgressCallback
+
+    original = ProgressCallback.after_batch
+
+    @functools.wraps(original)
+    def after_batch(self):
+        self.pbar.update(self.iter + 1)
+        if not hasattr(self, "smooth_loss"):
+            return
+        shown = getattr(self, "_shown", None)
+        if shown is not None and (shown[1] is None or shown[1].query()):
+            counter = syncs.counter
+            if counter is not None:
+                with counter.paused():  # a host copy already made: reading it waits for nothing
+                    self.pbar.comment = f"{float(shown[0]):.4f}"
+            else:
+                self.pbar.comment = f"{float(shown[0]):.4f}"
+        loss = torch.as_tensor(self.smooth_loss).detach()
+        if loss.is_cuda:
+            event = torch.cuda.Event()
+            host = loss.to("cpu", non_blocking=True)
+            event.record()
+            self._shown = (host, event)
+        else:
+            self._shown = (loss.clone(), None)
+
+    ProgressCallback.after_batch = after_batch
+
+
+NOSYNC_PATCHES = (patch_smooth_loss_stays_on_device, patch_progress_comment_without_sync)

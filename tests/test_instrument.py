@@ -1,0 +1,129 @@
+"""Instrumentation: per-rank records, the report and its diagnoses; GPU paths with fakes."""
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+
+from conftest import SCRIPTS, only_run_dir, run_fastlaunch
+from fastlaunch.instrument import memory
+from fastlaunch.instrument.diagnose import diagnose
+
+SCRIPT = SCRIPTS / "instrument_probe.py"
+
+
+def _run(tmp_path, mode, *flags):
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = run_fastlaunch(["--cpu", "2", *flags, SCRIPT], tmp_path, env={"FL_PROBE_OUT": str(out), "FL_MODE": mode})
+    run_dir = only_run_dir(tmp_path)
+    report = json.loads((run_dir / "report.json").read_text()) if (run_dir / "report.json").exists() else None
+    return proc, run_dir, report, out
+
+
+def test_two_rank_run_writes_records_report_png_and_console_table(tmp_path):
+    proc, run_dir, report, _ = _run(tmp_path, "plain")
+    assert proc.returncode == 0, proc.stderr
+    for rank in (0, 1):
+        lines = (run_dir / "metrics" / f"rank{rank}.jsonl").read_text().splitlines()
+        assert len(lines) == 3  # one record per epoch
+    assert report["ranks"] == [0, 1] and report["missing"] == []
+    for rec in report["epochs"]:
+        for key in ("rss_mb", "peak_rss_mb", "syncs_per_step", "data_wait_frac", "step_time", "work_time",
+                    "epoch_end_wait", "attempt"):
+            assert key in rec
+    assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert proc.stdout.count("fastlaunch: epoch 2 per rank | r0:") == 1
+    assert all(rec["syncs_per_step"] == 0 for rec in report["epochs"])  # fastai's defaults and fastlaunch: none
+    assert "nothing slows this run down" in proc.stderr
+    again = run_fastlaunch(["report", run_dir], tmp_path)
+    assert again.returncode == 0 and "rank 1 (epoch 2, attempt 0)" in again.stdout
+
+
+def test_item_in_a_callback_is_one_sync_per_step_attributed_to_it(tmp_path):
+    proc, _, report, _ = _run(tmp_path, "item")
+    assert proc.returncode == 0, proc.stderr
+    for rec in report["epochs"]:
+        assert rec["syncs_per_step"] == pytest.approx(1.0)
+        assert rec["sync_sources"] == {"Probe.after_batch (item)": pytest.approx(1.0)}
+    assert "1.0 syncs per step, 1.0 from Probe.after_batch (item)" in proc.stderr
+
+
+def test_data_wait_matches_the_loaders_own_sleep_and_starvation_is_diagnosed(tmp_path):
+    proc, _, report, out = _run(tmp_path, "sleepy")
+    assert proc.returncode == 0, proc.stderr
+    for rank in (0, 1):
+        slept = json.loads((out / f"slept-rank{rank}.json").read_text())
+        mine = [r for r in report["epochs"] if r["rank"] == rank]
+        for epoch, rec in enumerate(mine):
+            truth = sum(slept[epoch][1:]) / (rec["step_time"] * rec["steps"])  # first batch left out
+            assert abs(rec["data_wait_frac"] - truth) < 0.05
+    assert "rank 0 waits for data" in proc.stderr and "try num_workers=1" in proc.stderr
+
+
+def test_no_starvation_diagnosis_without_the_sleep(tmp_path):
+    proc, _, report, _ = _run(tmp_path, "plain")
+    assert not [d for d in report["diagnoses"] if "waits for data" in d]
+
+
+def test_a_slowed_rank_is_named_the_straggler(tmp_path):
+    proc, _, report, _ = _run(tmp_path, "slow1")
+    assert proc.returncode == 0, proc.stderr
+    stragglers = [d for d in report["diagnoses"] if "slower than the median" in d]
+    assert len(stragglers) == 1 and stragglers[0].startswith("rank 1 steps")
+
+
+def test_a_rank_killed_mid_run_is_named_missing(tmp_path):
+    proc, _, report, _ = _run(tmp_path, "die1")
+    assert proc.returncode != 0
+    assert report["missing"] == [1]
+    assert any(d.startswith("rank 1 is missing from the report") for d in report["diagnoses"])
+
+
+def test_no_instrument_writes_nothing(tmp_path):
+    proc, run_dir, report, _ = _run(tmp_path, "plain", "--no-instrument")
+    assert proc.returncode == 0 and report is None and not (run_dir / "metrics").exists()
+
+
+class FakeNvml:
+    def __init__(self, raise_on=None):
+        self.raise_on = raise_on
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        if self.raise_on == "handle":
+            raise RuntimeError("NVML_ERROR_NOT_FOUND")
+        assert uuid == "GPU-1234-abcd"  # found by UUID, never by index
+        return "h"
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return types.SimpleNamespace(used=30 * 2**30, total=80 * 2**30)
+
+
+def _fake_torch():
+    stats = {"allocated_bytes.all.current": 11 * 2**30, "reserved_bytes.all.current": 18 * 2**30,
+             "allocated_bytes.all.peak": 12 * 2**30, "reserved_bytes.all.peak": 19 * 2**30,
+             "inactive_split_bytes.all.current": 7 * 2**30, "num_alloc_retries": 4, "num_ooms": 1}
+    return types.SimpleNamespace(cuda=types.SimpleNamespace(
+        memory_stats=lambda i: stats, get_device_properties=lambda i: types.SimpleNamespace(uuid="1234-abcd")))
+
+
+def test_cuda_memory_from_one_stats_call_and_nvml_by_uuid():
+    got = memory.sample("cuda", 0, torch_mod=_fake_torch(), nvml=FakeNvml(), rss_bytes=2**30)
+    assert got["cuda_allocated_mb"] == 11 * 1024 and got["cuda_reserved_mb"] == 18 * 1024
+    assert got["fragmentation"] == pytest.approx(7 / 18) and got["alloc_retries"] == 4 and got["ooms"] == 1
+    assert got["gpu_total_mb"] == 80 * 1024 and got["gpu_others_mb"] == 12 * 1024 and got["rss_mb"] == 1024
+    without = memory.sample("cuda", 0, torch_mod=_fake_torch(), nvml=FakeNvml(raise_on="handle"), rss_bytes=1)
+    assert "gpu_used_mb" not in without and without["cuda_reserved_mb"] == 18 * 1024
+    assert "cuda_reserved_mb" not in memory.sample("cpu", rss_bytes=1)
+
+
+def test_gpu_diagnoses_from_records():
+    base = {"rank": 0, "epoch": 0, "data_wait_frac": 0.0, "syncs_per_step": 0.0, "work_time": 0.01,
+            "device": "cuda", "visible_gpus": None}
+    frag = dict(base, cuda_reserved_mb=18.2 * 1024, cuda_allocated_mb=11.0 * 1024, fragmentation=0.39,
+                alloc_retries=4)
+    text = " | ".join(diagnose([frag]))
+    assert "reserved 18.2 GB, allocated 11.0 GB: 39% fragmentation, 4 allocation retries" in text
+    cpu = dict(base, device="cpu", visible_gpus=4)
+    assert "rank 0 trained on cpu while 4 GPUs are visible" in " | ".join(diagnose([cpu]))
