@@ -102,7 +102,8 @@ def install_init_guard() -> None:
 def barrier() -> None:
     """Wait for every rank."""
     if ensure_process_group():
-        dist.barrier()
+        with heartbeat.in_collective():
+            dist.barrier()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -120,7 +121,8 @@ def gather_to_rank_zero(obj: Any) -> list[Any] | None:
         return [obj]
     denv = current_env()
     out = [None] * denv.world_size if denv.rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
+    with heartbeat.in_collective():
+        dist.gather_object(obj, out, dst=0)
     return out
 
 
@@ -142,7 +144,8 @@ def all_gather_object(obj: Any) -> list[Any]:
     if not ensure_process_group():
         return [obj]
     out: list[Any] = [None] * current_env().world_size
-    dist.all_gather_object(out, obj)
+    with heartbeat.in_collective():
+        dist.all_gather_object(out, obj)
     return out
 
 

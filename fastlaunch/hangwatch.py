@@ -2,7 +2,7 @@
 
 A rank counts as hung when, inside a fit and outside a known wait (rank 0 downloading, the others
 waiting for it), it has published nothing for --hang-timeout seconds; the ranks waiting for it stall
-too, a little later, so the one with the oldest progress is named. A rank that never reaches the
+too, inside a collective, so the one outside collectives with the oldest progress is named. A rank that never reaches the
 process group while a peer has, for --hang-timeout seconds, is named as well.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from .heartbeat import IN_FIT, JOINING_GROUP, REACHED_GROUP, WAITING, Beat, read_beats
+from .heartbeat import IN_COLLECTIVE, IN_FIT, JOINING_GROUP, REACHED_GROUP, WAITING, Beat, read_beats
 
 __all__ = ["HangWatch", "find_hung"]
 
@@ -23,7 +23,9 @@ def find_hung(beats: list[Beat], now: float, timeout: float, group_seen_at: floa
     active = [b for b in beats if b.started and b.flags & IN_FIT and not b.flags & (WAITING | JOINING_GROUP)]
     stale = [b for b in active if now - b.time > timeout]
     if stale:
-        culprit = min(active, key=lambda b: b.time)
+        # Ranks blocked in a collective wait for the others; the hung one is among those that are not.
+        free = [b for b in active if not b.flags & IN_COLLECTIVE]
+        culprit = min(free or active, key=lambda b: b.time)
         return culprit, f"no progress for {now - culprit.time:.0f} s; last event: {culprit.where()}"
     if group_seen_at is not None and now - group_seen_at > timeout:
         missing = [b for b in beats if not b.flags & (REACHED_GROUP | JOINING_GROUP | WAITING)]

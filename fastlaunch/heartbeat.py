@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["Beat", "Heartbeat", "read_beats", "progress_file", "create", "install", "beat", "set_flag", "SLOT",
-           "IN_FIT", "WAITING", "REACHED_GROUP", "JOINING_GROUP"]
+           "IN_FIT", "WAITING", "REACHED_GROUP", "JOINING_GROUP", "IN_COLLECTIVE", "in_collective"]
 
 # time, counter, pid, global rank, epoch, iter, flags (1: in a fit, 2: waiting in a known wait,
-# 4: reached the process group, 8: joining it, i.e. waiting for its peers), event name
+# 4: reached the process group, 8: joining it, i.e. waiting for its peers, 16: inside a collective), event name
 _FORMAT = "<dqiiiii40s"
 SLOT = struct.calcsize(_FORMAT)
-IN_FIT, WAITING, REACHED_GROUP, JOINING_GROUP = 1, 2, 4, 8
+IN_FIT, WAITING, REACHED_GROUP, JOINING_GROUP, IN_COLLECTIVE = 1, 2, 4, 8, 16
 
 
 def progress_file(run_dir: Path) -> Path:
@@ -125,3 +125,13 @@ def beat(event: str | None = None, epoch: int | None = None, iteration: int | No
 def set_flag(flag: int, on: bool = True) -> None:
     if _current is not None:
         _current.set_flag(flag, on)
+
+
+class in_collective:
+    """Marks a blocking collective: a rank waiting in one waits for its peers, it is not the hung one."""
+
+    def __enter__(self):
+        set_flag(IN_COLLECTIVE, True)
+
+    def __exit__(self, *exc):
+        set_flag(IN_COLLECTIVE, False)

@@ -31,6 +31,15 @@ def test_the_rank_that_stopped_first_is_named():
     assert find_hung(beats, now=89.0, timeout=10, group_seen_at=50.0) is None
 
 
+def test_a_rank_waiting_in_a_collective_is_not_blamed_even_if_its_progress_is_older():
+    from fastlaunch.heartbeat import IN_COLLECTIVE
+
+    beats = [_beat(0, 70.0, IN_FIT | REACHED_GROUP | IN_COLLECTIVE, "DDP gradient all-reduce"),
+             _beat(1, 75.0, IN_FIT | REACHED_GROUP, "Fault.after_batch")]
+    culprit, _ = find_hung(beats, now=100.0, timeout=10, group_seen_at=50.0)
+    assert culprit.rank == 1
+
+
 def test_known_waits_and_time_outside_fits_are_not_hangs():
     waiting = [_beat(0, 0.0, IN_FIT | WAITING), _beat(1, 0.0, IN_FIT | WAITING)]
     assert find_hung(waiting, now=1000.0, timeout=10, group_seen_at=None) is None

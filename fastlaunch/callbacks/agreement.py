@@ -17,6 +17,8 @@ import torch.distributed as dist
 from fastai.callback.core import (Callback, CancelEpochException, CancelFitException,
                                   CancelTrainException)
 
+from .. import heartbeat
+
 __all__ = ["StopState", "AgreedStop", "flag_bucket_hook", "ROUTED", "KINDS", "Preempted", "stop_state",
            "active_state", "STOPPED_BY_SIGNAL"]
 
@@ -155,7 +157,8 @@ def flag_bucket_hook(state: StopState, bucket) -> torch.futures.Future:
         return tensor[: -len(KINDS)]
 
     if buffer.device.type == "cpu":
-        _all_reduce(packed)
+        with heartbeat.in_collective():
+            _all_reduce(packed)
         return _done(unpack(packed))
     fut = _all_reduce(packed, async_op=True).get_future()
     return fut.then(lambda f: unpack(f.value()[0]))

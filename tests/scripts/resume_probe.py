@@ -36,7 +36,7 @@ class Pace(Callback):
             return
         self.seen.append((self.epoch, self.train_iter))
         if MODE == "slow":
-            time.sleep(0.15)
+            time.sleep(0.4)
             if self.epoch == 1 and self.iter == 2:
                 (OUT / f"ready-rank{RANK}").touch()
         if MODE == "fail_once" and ATTEMPT == 0 and RANK == 1 and self.epoch == 2 and self.iter == 3:

@@ -1,0 +1,121 @@
+"""`python -m benchmarks [--runs 5] [--gpus N] [--quick] [--out FILE]`: fastlaunch against what users would
+run instead, interleaved in one run, written to benchmarks/RESULTS.md as ratios with their spread."""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+from .harness import fault_to_exit, left_after_sigkill, peer_commands, run_once
+
+FL, FL_OFF, TR_FASTAI, FLOOR = ("fastlaunch", "fastlaunch, no instrumentation", "torchrun + hand-wrapped fastai",
+                                "torchrun + PyTorch DDP loop (floor)")
+
+
+def _ratio(a: list[float], b: list[float]) -> str:
+    """Median of the per-round ratios a/b, with their min-max spread (rounds ran side by side)."""
+    pairs = [x / y for x, y in zip(a, b) if x and y]
+    if not pairs:
+        return "n/a"
+    med = statistics.median(pairs)
+    return f"{med:.2f}x (spread {min(pairs):.2f}-{max(pairs):.2f}, {len(pairs)} rounds)"
+
+
+def _values(runs: dict, name: str, key: str) -> list[float]:
+    return [r[key] for r in runs[name] if r.get("ok")]
+
+
+def _machine() -> list[str]:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return [f"- machine: {cpu}, {len(__import__('os').sched_getaffinity(0))} usable cores, "
+            f"{platform.system()} {platform.release()}",
+            f"- versions: python {platform.python_version()}, torch {torch.__version__}, fastai {version('fastai')}, "
+            f"fastlaunch {version('fastlaunch')}"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5, help="rounds of A B A B ... (at least 5 for a result)")
+    parser.add_argument("--gpus", type=int, default=0, help="ranks are GPUs (default: 2 CPU processes)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and one round: checks the harness runs")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "RESULTS.md"))
+    args = parser.parse_args(argv)
+    ranks, device = (args.gpus, "gpus") if args.gpus else (2, "cpu")
+    items, rounds = (512, 1) if args.quick else (4096, args.runs)
+    started = time.time()
+
+    two, one = peer_commands(ranks, device), peer_commands(1, device)
+    runs: dict[str, list[dict]] = {name: [] for name in two}
+    scale: dict[str, list[dict]] = {FL: [], FLOOR: []}
+    for _ in range(rounds):  # interleaved: every peer once per round
+        for name, (cmd, extra) in two.items():
+            runs[name].append(run_once(cmd, extra, items))
+        for name in scale:
+            scale[name].append(run_once(*one[name], items))
+    counts = {name: run_once(two[name][0], {**two[name][1], "BENCH_COUNT": "1"}, items)
+              for name in (FL, TR_FASTAI)}
+    faults = {name: [fault_to_exit(*two[name], items) for _ in range(rounds)] for name in (FL, TR_FASTAI)}
+    orphans = {name: left_after_sigkill(*two[name], items) for name in (FL, TR_FASTAI)}
+
+    lines = ["# Benchmarks", "", f"Written by `python -m benchmarks{' --quick' if args.quick else ''}"
+             f"{f' --runs {args.runs}' if not args.quick else ''}{f' --gpus {args.gpus}' if args.gpus else ''}` in "
+             f"{time.time() - started:.0f} s, {rounds} interleaved round(s), {ranks} {device} rank(s), "
+             f"{items} images of 3x32x32, batch 64 per rank, OMP_NUM_THREADS=1, fixed seeds, first 3 steps left "
+             "out. Ratios are medians of per-round ratios with their min-max spread; identical runs on 2 shared "
+             "cores spread about 8%.", ""] + _machine() + ["", "Peers (exact commands, from benchmarks/harness.py):",
+                                                           ""]
+    lines += [f"- {name}: `{' '.join(Path(a).name if a.endswith('.py') else a for a in cmd)}`"
+              + (f" with {extra}" if extra else "") for name, (cmd, extra) in two.items()]
+    lines += ["- fastai's own `distrib_ctx` on CPU ranks: cannot run here (its DistributedDL calls `.cuda()` and "
+              "DistributedTrainer reads `model.device`).",
+              "- `accelerate launch --cpu --num_processes 2`: starts one process on CPU, so it is no 2-rank peer.", ""]
+    first = {n: _values(runs, n, "first_step") for n in runs}
+    speed = {n: _values(runs, n, "samples_per_s") for n in runs}
+    rss = {n: _values(runs, n, "peak_rss_mb") for n in runs}
+    s1 = {n: _values(scale, n, "samples_per_s") for n in scale}
+    lines += ["## 1. Launch to first training step (2 ranks)", "",
+              f"- fastlaunch / torchrun + hand-wrapped fastai: {_ratio(first[FL], first[TR_FASTAI])} "
+              f"(medians {statistics.median(first[FL]) if first[FL] else float('nan'):.1f} s and "
+              f"{statistics.median(first[TR_FASTAI]) if first[TR_FASTAI] else float('nan'):.1f} s)", "",
+              "## 2. Throughput (samples/s, small CNN, batch 64 per rank)", "",
+              f"- fastlaunch / floor: {_ratio(speed[FL], speed[FLOOR])}",
+              f"- fastlaunch / torchrun + hand-wrapped fastai: {_ratio(speed[FL], speed[TR_FASTAI])}",
+              f"- instrumentation on / off: {_ratio(speed[FL], speed[FL_OFF])}", "",
+              "## 3. Scaling (2 ranks / 1 rank, samples/s)", "",
+              f"- fastlaunch: {_ratio(speed[FL], s1[FL])}", f"- floor: {_ratio(speed[FLOOR], s1[FLOOR])}", "",
+              "## 4. Syncs and collectives per steady-state training step (exact counts, rank 0)", ""]
+    for name, result in counts.items():
+        c = result.get("counts", {}) if result.get("ok") else {}
+        detail = ", ".join(f"{k}: {v:g}" for k, v in sorted(c.get("syncs", {}).items())) or "none"
+        lines.append(f"- {name}: {c.get('collectives_per_step', 'n/a')} Python-level collectives, "
+                     f"{c.get('syncs_per_step', 'n/a')} sync calls per step ({detail})"
+                     if c else f"- {name}: not measured ({result.get('error')})")
+    lines += ["  (DDP's own gradient all-reduce is not a Python-level call and is not counted.)", "",
+              "## 5. Peak memory per rank (RSS, MB)", "",
+              f"- fastlaunch / floor: {_ratio(rss[FL], rss[FLOOR])} (medians "
+              f"{statistics.median(rss[FL]) if rss[FL] else float('nan'):.0f} and "
+              f"{statistics.median(rss[FLOOR]) if rss[FLOOR] else float('nan'):.0f})", "",
+              "## 6. Faults", ""]
+    ok = {n: [v for v in faults[n] if v is not None] for n in faults}
+    lines += [f"- crash of rank 1 to exit: fastlaunch / torchrun: {_ratio(ok[FL], ok[TR_FASTAI])} (medians "
+              f"{statistics.median(ok[FL]) if ok[FL] else float('nan'):.1f} s and "
+              f"{statistics.median(ok[TR_FASTAI]) if ok[TR_FASTAI] else float('nan'):.1f} s)",
+              f"- processes left 5 s after SIGKILL of the launcher: fastlaunch {orphans[FL]}, "
+              f"torchrun {orphans[TR_FASTAI]}", ""]
+    failed = [f"- {name}: {r.get('error')}" for name, rs in {**runs, **scale}.items() for r in rs if not r.get("ok")]
+    if failed:
+        lines += ["## Runs that failed", ""] + failed + [""]
+    Path(args.out).write_text("\n".join(lines))
+    print(f"benchmarks: wrote {args.out} in {time.time() - started:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

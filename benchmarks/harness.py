@@ -1,0 +1,89 @@
+"""Runs the peers interleaved (A B A B ...) and measures each run from the files its ranks write."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "workloads"
+
+
+def peer_commands(ranks: int, device: str) -> dict[str, tuple[list[str], dict]]:
+    """name -> (argv, extra env). `device` is "cpu" or "gpu" (ranks are CPU processes or GPUs)."""
+    py = sys.executable
+    fl = [py, "-m", "fastlaunch", f"--{device}", str(ranks)]
+    tr = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    fastai, floor = str(WORK / "fastai_cnn.py"), str(WORK / "ddp_floor.py")
+    return {
+        "fastlaunch": (fl + [fastai], {}),
+        "fastlaunch, no instrumentation": (fl + ["--no-instrument", fastai], {}),
+        "torchrun + hand-wrapped fastai": (tr + [fastai], {"BENCH_WRAP": "1"}),
+        "torchrun + PyTorch DDP loop (floor)": (tr + [floor], {}),
+    }
+
+
+def _env(out: Path, tag: str, extra: dict) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC", "FASTLAUNCH_"))}
+    env.update(OMP_NUM_THREADS="1", BENCH_OUT=str(out), BENCH_TAG=tag, PYTHONHASHSEED="0", **extra)
+    return env
+
+
+def run_once(argv: list[str], extra: dict, items: int, timeout: float = 600) -> dict:
+    """One launch: launch-to-first-step, samples/s, peak RSS per rank, exit status."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        start = time.time()
+        proc = subprocess.run(argv, cwd=tmp, env=_env(out, "run", {"BENCH_ITEMS": str(items), **extra}),
+                              capture_output=True, text=True, timeout=timeout)
+        ranks = [json.loads(p.read_text()) for p in sorted(out.glob("run-rank*.json"))]
+        if proc.returncode != 0 or not ranks:
+            return {"ok": False, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+        return {"ok": True, "first_step": min(r["first_step"] for r in ranks) - start,
+                "samples_per_s": ranks[0]["samples_per_s"], "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
+                "counts": {k: ranks[0][k] for k in ("collectives_per_step", "syncs_per_step", "syncs")
+                           if k in ranks[0]}}
+
+
+def fault_to_exit(argv: list[str], extra: dict, items: int) -> float | None:
+    """Seconds from rank 1's crash to the launcher's exit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        subprocess.run(argv, cwd=tmp, env=_env(out, "run", {"BENCH_ITEMS": str(items), "BENCH_CRASH": "1", **extra}),
+                       capture_output=True, text=True, timeout=300)
+        end = time.time()
+        crash = out / "crash_time"
+        return end - float(crash.read_text()) if crash.exists() else None
+
+
+def left_after_sigkill(argv: list[str], extra: dict, items: int, wait: float = 5.0) -> int | None:
+    """Processes of the job still alive `wait` seconds after SIGKILL of the launcher."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        proc = subprocess.Popen(argv, cwd=tmp, env=_env(out, "run", {"BENCH_ITEMS": str(items * 8), **extra}),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 120
+        while not list(out.glob("started-rank*")):
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                return None
+            time.sleep(0.05)
+        procs = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        time.sleep(wait)
+        alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        for p in alive:  # leave the machine clean after counting
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        return len(alive)

@@ -1,0 +1,47 @@
+"""The fastai script every peer runs: a small CNN on 32x32 images, batch 64 per rank, one epoch.
+Under fastlaunch it runs unchanged; under torchrun, $BENCH_WRAP=1 adds the minimal hand-written wrapper
+a user writes without fastlaunch (init, DDP, DistributedSampler)."""
+import os
+import sys
+
+import torch
+from fastai.basics import Callback, DataLoader, DataLoaders, Learner
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import BS, StepClock, images, maybe_crash, small_cnn  # noqa: E402
+
+clock = StepClock()
+
+
+class Clock(Callback):
+    order = 1000
+
+    def after_batch(self):
+        if self.training:
+            clock.step()
+            maybe_crash(clock.steps)
+
+
+data, valid = images(), images(256, seed=1)
+model = small_cnn()
+if os.environ.get("BENCH_WRAP") == "1":  # what a user writes for torchrun
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data.distributed import DistributedSampler
+
+    dist.init_process_group("gloo")
+    train_dl = torch.utils.data.DataLoader(data, batch_size=BS, sampler=DistributedSampler(data), drop_last=True)
+    valid_dl = torch.utils.data.DataLoader(valid, batch_size=BS)
+    dls = DataLoaders(train_dl, valid_dl)
+    model = DistributedDataParallel(model)
+else:
+    dls = DataLoaders(DataLoader(data, bs=BS, shuffle=True, drop_last=True), DataLoader(valid, bs=BS))
+learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(), cbs=Clock())
+counting = os.environ.get("BENCH_COUNT") == "1"
+if counting:
+    from counting import Counts
+
+    counts = Counts(learn)
+learn.fit(1, 1e-3)
+clock.write(os.environ.get("BENCH_TAG", "fastai"), counts.per_step() if counting else None)
