@@ -3,14 +3,23 @@ import torch
 import torch.distributed as dist
 from fastai.basics import Callback
 
+from fastlaunch.instrument import syncs as fastlaunch_syncs
 from fastlaunch.instrument.syncs import SyncCounter
 
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "gather_object", "broadcast",
                 "broadcast_object_list", "barrier", "reduce")
 
 
+class _StepEnd(Callback):
+    order = 10_000  # after every other after_batch callback (the recorder's accumulate included)
+
+    def __init__(self, counts): self.counts = counts
+    def after_batch(self): self.counts.end_step()
+
+
 class Counts(Callback):
-    """Counts what happens inside training steps, the first WARMUP steps left out."""
+    """Counts what happens inside training steps (before_batch to the last after_batch), the first
+    WARMUP steps left out."""
 
     order = -1000
 
@@ -18,6 +27,8 @@ class Counts(Callback):
         self.collectives, self.steps, self.active = 0, 0, False
         self.syncs = SyncCounter("cuda" if torch.cuda.is_available() else "cpu")
         self.syncs.install()
+        if fastlaunch_syncs.counter is None:  # under fastlaunch: its attribution and exclusions apply
+            fastlaunch_syncs.counter = self.syncs
         for name in _COLLECTIVES:
             original = getattr(dist, name)
 
@@ -27,14 +38,14 @@ class Counts(Callback):
                 return _original(*args, **kwargs)
 
             setattr(dist, name, counted)
-        learn.add_cb(self)
+        learn.add_cbs([self, _StepEnd(self)])
 
     def before_batch(self):
         self.active = self.training and self.iter >= 3
         self.syncs.counting = self.active
 
-    def after_batch(self):
-        self.steps += self.active  # counts made in after_batch callbacks of later order are kept
+    def end_step(self):
+        self.steps += self.active
         self.syncs.counting = False
         self.active = False
 

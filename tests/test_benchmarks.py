@@ -1,0 +1,21 @@
+"""The benchmark harness at a tiny size, so it does not rot (its figures are not checked here)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_benchmarks_run_end_to_end_at_a_tiny_size(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    for figure in ("## 1. Launch to first training step", "## 2. Throughput", "## 3. Scaling",
+                   "## 4. Syncs and collectives", "## 5. Peak memory", "## 6. Faults"):
+        assert figure in text
+    assert "## Runs that failed" not in text
+    assert "- fastlaunch: 0.0 Python-level collectives, 0.0 sync calls per step" in text
+    assert "torchrun + hand-wrapped fastai: 1.0 Python-level collectives" in text  # stock fastai's all_gather
