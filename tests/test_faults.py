@@ -31,14 +31,22 @@ def _start(tmp_path, fault, *flags):
 
 
 def _wait_ready(proc, out, ranks=2, limit=90.0):
-    """Wait until every rank trains with its DataLoader worker up; return all the job's processes."""
+    """Wait until every rank trains with its DataLoader worker up; return every process of the job seen.
+    A job that already ended (a fast crash on a loaded machine) returns what was seen until then."""
     deadline = time.monotonic() + limit
+    seen: dict[int, psutil.Process] = {}
     while time.monotonic() < deadline:
-        children = psutil.Process(proc.pid).children(recursive=True)
-        if all((out / f"ready-rank{r}").exists() for r in range(ranks)) and len(children) >= 2:
-            return children
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.1)
+        try:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                seen.setdefault(child.pid, child)
+        except psutil.NoSuchProcess:
+            pass
+        if proc.poll() is not None:
+            assert seen, proc.communicate()
+            return list(seen.values())
+        if all((out / f"ready-rank{r}").exists() for r in range(ranks)) and len(seen) >= 2:
+            return list(seen.values())
+        time.sleep(0.05)
     raise AssertionError("the ranks never became ready")
 
 
