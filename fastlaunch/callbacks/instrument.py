@@ -63,7 +63,7 @@ class Instrument(Callback):
     def before_train(self):
         if not getattr(self, "_on", False):
             return
-        self._waits, self._backward, self._steps, self._started = [], 0.0, 0, None
+        self._waits, self._backward_time, self._steps, self._started = [], 0.0, 0, None
         syncs.counter.take()
         self.learn.dl = TimedLoader(self.learn.dl, self._waits)
 
@@ -77,7 +77,7 @@ class Instrument(Callback):
 
     def after_backward(self):
         if getattr(self, "_on", False) and self._started is not None:
-            self._backward += time.perf_counter() - self._t_backward  # includes waiting for slower ranks
+            self._backward_time += time.perf_counter() - self._t_backward  # includes waiting for slower ranks
 
     def after_batch(self):
         if not getattr(self, "_on", False) or not self.training:
@@ -98,7 +98,7 @@ class Instrument(Callback):
         counts = syncs.counter.take()
         self._train = {
             "steps": self._steps, "step_time": window / steps,
-            "work_time": (window - self._backward) / steps,
+            "work_time": (window - self._backward_time) / steps,
             "data_wait_frac": sum(self._waits[1:]) / window if window else 0.0,
             "syncs_per_step": sum(counts.values()) / steps,
             "sync_sources": {f"{src} ({how})": n / steps for (src, how), n in counts.most_common(5)},
