@@ -55,9 +55,13 @@ def test_data_wait_matches_the_loaders_own_sleep_and_starvation_is_diagnosed(tmp
     assert proc.returncode == 0, proc.stderr
     for rank in (0, 1):
         slept = json.loads((out / f"slept-rank{rank}.json").read_text())
+        fetched = json.loads((out / f"fetched-rank{rank}.json").read_text())
         mine = [r for r in report["epochs"] if r["rank"] == rank]
         for epoch, rec in enumerate(mine):
-            truth = sum(slept[epoch][1:]) / (rec["step_time"] * rec["steps"])  # first batch left out
+            window = rec["step_time"] * rec["steps"]
+            asleep = sum(slept[epoch][1:]) / window  # first batch left out, as the instrument does
+            assert rec["data_wait_frac"] > asleep - 0.01  # a wait can't be shorter than the loader's sleep
+            truth = sum(fetched[epoch][1:]) / window  # the loader's own clock around each batch
             assert abs(rec["data_wait_frac"] - truth) < 0.05
     assert "rank 0 waits for data" in proc.stderr and "try num_workers=1" in proc.stderr
 
