@@ -1,8 +1,10 @@
 """Per-rank measurements of every real fit: memory, syncs per step, data wait, step and work time.
 
-Nothing here syncs or collects per batch: times are host clocks (perf_counter) on CPU ranks, syncs are
-counted by wrappers, and once per epoch each rank appends one record to metrics/rank<R>.jsonl, waits at
-one barrier (how long tells who arrived last), and sends its summary to rank 0 for the console table.
+Nothing here syncs or collects per batch: step and backward times come from clock.py (host clock on CPU
+ranks, CUDA events read once per epoch on GPU ranks), the data wait from the loader's own `next`, syncs
+from the counters of syncs.py (and, on GPU ranks, CUDA's own audit of a few steps of the first epoch).
+Once per epoch each rank appends one record to metrics/rank<R>.jsonl, waits at one barrier (how long
+tells who arrived last), and sends its summary to rank 0 for the console table.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from fastai.callback.core import Callback
 from .. import comm
 from ..device import probe_gpus
 from ..instrument import memory, syncs
+from ..instrument.audit import SyncAudit
+from ..instrument.clock import Clock
 from .placement import in_real_fit
 
 __all__ = ["Instrument", "TimedLoader"]
@@ -27,12 +31,18 @@ class TimedLoader:
 
     def __iter__(self):
         it = iter(self._dl)
+        counter = syncs.counter
         while True:
             start = time.perf_counter()
+            if counter is not None:
+                counter.source = "DataLoader"  # what the audit sees now is the loader's (its copy to the GPU)
             try:
                 batch = next(it)
             except StopIteration:
                 return
+            finally:
+                if counter is not None:
+                    counter.source = "fastai"
             self._waits.append(time.perf_counter() - start)
             yield batch
 
@@ -59,51 +69,69 @@ class Instrument(Callback):
         self._path = denv.run_dir / "metrics" / f"rank{denv.rank}.jsonl"
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._visible = probe_gpus().count if denv.device_type == "cpu" else None
+        self._clock = Clock(denv.device_type)
+        self._audit = SyncAudit(denv.device_type)  # the first epoch of each fit, GPU ranks only
+        self._audit_due = True
+        self._nvml = memory.open_nvml() if denv.device_type == "cuda" else None
 
     def before_train(self):
         if not getattr(self, "_on", False):
             return
-        self._waits, self._backward_time, self._steps, self._started = [], 0.0, 0, None
+        self._waits, self._steps, self._started, self._audited = [], 0, False, {}
+        self._clock.reset()
         syncs.counter.take()
         self.learn.dl = TimedLoader(self.learn.dl, self._waits)
 
     def before_batch(self):
-        if getattr(self, "_on", False) and self.training and self._started is not None:
+        if getattr(self, "_on", False) and self.training and self._started:
             syncs.counter.counting = True  # steady state: the epoch's first step is left out
 
     def before_backward(self):
-        if getattr(self, "_on", False) and self._started is not None:
-            self._t_backward = time.perf_counter()
+        if getattr(self, "_on", False) and self._started:
+            self._clock.begin("backward")
 
     def after_backward(self):
-        if getattr(self, "_on", False) and self._started is not None:
-            self._backward_time += time.perf_counter() - self._t_backward  # includes waiting for slower ranks
+        if getattr(self, "_on", False) and self._started:
+            self._clock.end("backward")  # includes waiting for slower ranks at the gradient all-reduce
 
     def after_batch(self):
         if not getattr(self, "_on", False) or not self.training:
             return
         syncs.counter.counting = False
-        if self._started is None:
-            self._started = time.perf_counter()
-        else:
-            self._steps += 1
+        if not self._started:
+            self._started = True
+            self._clock.begin("window")
+            if self._audit_due:
+                self._audit_due = not self._audit.start()
+            return
+        self._steps += 1
+        if self._audit.step_done():
+            self._audited = self._audit.stop()
 
     def after_train(self):
         if not getattr(self, "_on", False):
             return
         syncs.counter.counting = False
-        window = time.perf_counter() - self._started if self._started else 0.0
+        self._audited = self._audit.stop() or self._audited
+        self._clock.end("window")
+        times = self._clock.totals()
+        window, backward = times.get("window", 0.0), times.get("backward", 0.0)
         self.learn.dl = self.learn.dl._dl if isinstance(self.learn.dl, TimedLoader) else self.learn.dl
         steps = max(self._steps, 1)
         counts = syncs.counter.take()
         self._train = {
-            "steps": self._steps, "step_time": window / steps,
-            "work_time": (window - self._backward_time) / steps,
+            "steps": self._steps, "step_time": window / steps, "work_time": (window - backward) / steps,
+            "clock": "cuda events" if self._clock.events else "host",
             "data_wait_frac": sum(self._waits[1:]) / window if window else 0.0,
             "syncs_per_step": sum(counts.values()) / steps,
+            "by_design_syncs_per_step": sum(n for (_, how), n in counts.items() if syncs.by_design(how)) / steps,
             "sync_sources": {f"{src} ({how})": n / steps for (src, how), n in counts.most_common(5)},
-            "num_workers": getattr(getattr(self.dl, "fake_l", None), "num_workers", 0),
+            "num_workers": getattr(getattr(self.dl, "fake_l", None), "num_workers", 0), **self._audited,
         }
+
+    def after_fit(self):
+        if getattr(self, "_on", False):
+            self._audit.stop()  # a fit cancelled inside the window leaves no debug mode behind
 
     def after_epoch(self):
         if not getattr(self, "_on", False) or not hasattr(self, "_train"):
@@ -114,7 +142,7 @@ class Instrument(Callback):
         record = {"rank": denv.rank, "attempt": denv.restart_count, "epoch": self.epoch, "time": time.time(),
                   "device": denv.device_type, "visible_gpus": self._visible, "cores": denv.cpus_per_rank,
                   "epoch_end_wait": time.perf_counter() - start, **self._train,
-                  **memory.sample(denv.device_type, denv.local_rank)}
+                  **memory.sample(denv.device_type, denv.local_rank, nvml=self._nvml)}
         with open(self._path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         summaries = comm.gather_to_rank_zero(record)

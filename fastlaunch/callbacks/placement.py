@@ -10,7 +10,7 @@ from ..seeding import reseed_per_rank
 from ..sharding import ShardedDL
 from .agreement import StopState, flag_bucket_hook
 
-__all__ = ["DistributedFit", "FastlaunchDDP", "in_real_fit"]
+__all__ = ["DistributedFit", "FastlaunchDDP", "in_real_fit", "pin_batches"]
 
 
 class FastlaunchDDP(DistributedDataParallel):
@@ -54,6 +54,20 @@ def _say_global_batch(train_dl, denv) -> None:
         print(line, flush=True)
 
 
+def pin_batches(loaders, device) -> list:
+    """On a GPU, fastai loaders hand out batches in pinned host memory, so that their copy to the GPU
+    (non_blocking, integrate/nosync.py) does not wait for it. Returns the loaders it pinned."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return []
+    pinned = []
+    for dl in loaders:
+        fake = getattr(dl, "fake_l", None)
+        if fake is not None and not fake.pin_memory:
+            dl.pin_memory = fake.pin_memory = True
+            pinned.append(dl)
+    return pinned
+
+
 def in_real_fit(learn) -> bool:
     """True inside Learner.fit (fit, fit_one_cycle, fine_tune, lr_find), False in validate/get_preds/predict."""
     return getattr(learn, "_fastlaunch_fit_depth", 0) > 0
@@ -77,6 +91,7 @@ class DistributedFit(Callback):
         self.learn.model.to(device)
         if not denv.is_distributed:
             self.learn.dls.to(device)
+            pin_batches(self.learn.dls.loaders, device)
             self._wrapped = False
             return
         ensure_process_group(denv)
@@ -88,6 +103,7 @@ class DistributedFit(Callback):
                                   for i, dl in enumerate(self._old_loaders)]
         _say_global_batch(self.learn.dls.loaders[0], denv)
         self.learn.dls.to(device)
+        pin_batches(self.learn.dls.loaders, device)
         # DDP broadcasts rank 0's parameters and buffers at construction: every rank starts identical.
         self.learn.model = FastlaunchDDP(self.learn.model,
                                          device_ids=[denv.local_rank] if denv.device_type == "cuda" else None)

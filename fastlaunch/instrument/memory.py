@@ -8,7 +8,7 @@ from __future__ import annotations
 import resource
 from typing import Any
 
-__all__ = ["sample", "MB"]
+__all__ = ["sample", "open_nvml", "MB"]
 
 MB = 2**20
 
@@ -24,6 +24,20 @@ def _cuda(stats: dict) -> dict:
         "alloc_retries": stats.get("num_alloc_retries", 0),
         "ooms": stats.get("num_ooms", 0),
     }
+
+
+def open_nvml(importer: Any = None) -> Any:
+    """NVML (nvidia-ml-py) ready for use, or None when it is missing or the driver refuses: the CUDA
+    figures are reported without the device's own view then."""
+    try:
+        if importer is None:
+            import pynvml as nvml
+        else:
+            nvml = importer()
+        nvml.nvmlInit()
+    except Exception:  # ImportError, NVMLError_LibraryNotFound, DriverNotLoaded, ...
+        return None
+    return nvml
 
 
 def _nvml(torch_mod: Any, nvml: Any, index: int, own_reserved_mb: float) -> dict:

@@ -69,9 +69,11 @@ def render_text(report: dict) -> str:
     for r in report["epochs"]:
         last[r["rank"]] = r
     for rank, r in sorted(last.items()):
+        designed = r.get("by_design_syncs_per_step", 0.0)
         lines.append(f"fastlaunch: rank {rank} (epoch {r['epoch']}, attempt {r.get('attempt', 0)}): "
                      f"step {r['step_time'] * 1000:.0f} ms, data wait {r['data_wait_frac']:.0%}, "
-                     f"{r['syncs_per_step']:.1f} syncs/step, RSS {r['rss_mb']:.0f} MB")
+                     f"{r['syncs_per_step']:.1f} syncs/step{f' ({designed:.1f} by design)' if designed else ''}, "
+                     f"RSS {r['rss_mb']:.0f} MB")
     for text in report["diagnoses"] or ["nothing slows this run down that fastlaunch can see"]:
         lines.append(f"fastlaunch: diagnosis: {text}")
     return "\n".join(lines)

@@ -3,19 +3,33 @@
 Always-on counters wrap the Python entry points that wait for the device (Tensor.item, .cpu(), .tolist(),
 .numpy(), bool/float/int of a tensor, torch.cuda.synchronize) and count the calls made on tensors of the
 rank's compute device while a training step runs, so CPU ranks count the calls that would sync on a GPU.
-Each call is attributed to the fastai callback running (or to fastai's own step when none is).
+Each call is attributed to the fastai callback running (or to fastai's own step when none is). The two
+.item() per step that fp16's GradScaler makes by design (the inf check and the scale read) are labelled
+as such, so that only avoidable syncs are reported as a problem.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections import Counter
 
 import torch
 
-__all__ = ["SyncCounter", "counter"]
+__all__ = ["SyncCounter", "counter", "BY_DESIGN", "by_design"]
 
 _METHODS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__")
+BY_DESIGN = " in GradScaler"  # appended to the method of a sync GradScaler makes
+
+
+def _from_grad_scaler(frame) -> bool:
+    """Whether the caller is torch's GradScaler (its code or a generator expression in it)."""
+    return frame is not None and frame.f_code.co_filename.endswith("grad_scaler.py")
+
+
+def by_design(how: str) -> bool:
+    """Whether a counted sync's method label marks one made by design (GradScaler's)."""
+    return how.endswith(BY_DESIGN)
 
 
 class SyncCounter:
@@ -49,7 +63,8 @@ class SyncCounter:
         @functools.wraps(original)
         def wrapper(tensor, *args, **kwargs):
             if self.counting and tensor.device.type == self.device_type:
-                self.counts[(self.source, name)] += 1
+                how = name + BY_DESIGN if _from_grad_scaler(sys._getframe(1)) else name
+                self.counts[(self.source, how)] += 1
             return original(tensor, *args, **kwargs)
         return wrapper
 

@@ -1,7 +1,9 @@
 """Patches that take fastai's per-step host-device syncs out of the training step.
 
-Stock fastai waits for the GPU twice per step by default: AvgSmoothLoss moves the loss to the CPU
-(to_detach) every batch, and ProgressCallback reads it with .item() for the bar's comment every batch.
+Stock fastai waits for the GPU three times per step by default: AvgSmoothLoss moves the loss to the CPU
+(to_detach) every batch, ProgressCallback reads it with .item() for the bar's comment every batch, and
+the DataLoader copies each batch to the GPU with a blocking copy from pageable memory. fastlaunch pins
+the loaders' batches on GPU ranks (callbacks/placement.py) and copies them with non_blocking=True.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 
 from ..instrument import syncs
 
-__all__ = ["NOSYNC_PATCHES"]
+__all__ = ["NOSYNC_PATCHES", "nonblocking_to_device"]
 
 
 def patch_smooth_loss_stays_on_device() -> None:
@@ -57,4 +59,29 @@ def patch_progress_comment_without_sync() -> None:
     ProgressCallback.after_batch = after_batch
 
 
-NOSYNC_PATCHES = (patch_smooth_loss_stays_on_device, patch_progress_comment_without_sync)
+def _is_cuda(device) -> bool:
+    try:
+        return device is not None and torch.device(device).type == "cuda"
+    except (RuntimeError, TypeError):
+        return False
+
+
+def nonblocking_to_device(original):
+    """fastai's to_device with non_blocking copies to a GPU: from pinned memory they never wait."""
+
+    @functools.wraps(original)
+    def to_device(b, device=None, non_blocking=False):
+        return original(b, device, non_blocking=non_blocking or _is_cuda(device))
+
+    return to_device
+
+
+def patch_batch_copies_without_sync() -> None:
+    """The DataLoader's copy of each batch to the GPU does not wait for the GPU."""
+    import fastai.data.load as load
+
+    load.to_device = nonblocking_to_device(load.to_device)
+
+
+NOSYNC_PATCHES = (patch_smooth_loss_stays_on_device, patch_progress_comment_without_sync,
+                  patch_batch_copies_without_sync)
