@@ -40,6 +40,18 @@ def _machine() -> list[str]:
             f"fastlaunch {version('fastlaunch')}"]
 
 
+def _hook_cost(result: dict, fl_speed: list[float], ranks: int) -> str:
+    """The instrumentation's deterministic cost: hooked events per step x ns per event / step time."""
+    hooks = result.get("hooks") if result.get("ok") else None
+    if not isinstance(hooks, dict) or not fl_speed:
+        return f"- instrumentation, per event: not measured ({result.get('error') or hooks})"
+    step_ns = 64 * ranks / statistics.median(fl_speed) * 1e9  # every rank takes one batch of 64 per step
+    parts = ", ".join(f"{n:g} {what} x {hooks['ns_each'][what] / 1000:.2f} us" for what, n in hooks["per_step"].items())
+    return (f"- instrumentation, per event: {hooks['ns_per_step'] / 1000:.0f} us of hooks per steady step ({parts}) "
+            f"= {hooks['ns_per_step'] / step_ns:.2%} of a {step_ns / 1e6:.0f} ms step (counts exact, each cost the "
+            "best of 7 timed rounds)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="rounds of A B A B ... (at least 5 for a result)")
@@ -62,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     # Counted without fastlaunch's instrumentation, which would share the counters.
     counts = {FL: run_once(two[FL_OFF][0], {**two[FL_OFF][1], "BENCH_COUNT": "1"}, items),
               TR_FASTAI: run_once(two[TR_FASTAI][0], {**two[TR_FASTAI][1], "BENCH_COUNT": "1"}, items)}
+    hooks = run_once(two[FL][0], {**two[FL][1], "BENCH_HOOKS": "1"}, items)
     faults = {name: [fault_to_exit(*two[name], max(items, 2048)) for _ in range(rounds)] for name in (FL, TR_FASTAI)}
     orphans = {name: left_after_sigkill(*two[name], items) for name in (FL, TR_FASTAI)}
 
@@ -88,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
               "## 2. Throughput (samples/s, small CNN, batch 64 per rank)", "",
               f"- fastlaunch / floor: {_ratio(speed[FL], speed[FLOOR])}",
               f"- fastlaunch / torchrun + hand-wrapped fastai: {_ratio(speed[FL], speed[TR_FASTAI])}",
-              f"- instrumentation on / off: {_ratio(speed[FL], speed[FL_OFF])}", "",
+              f"- instrumentation on / off: {_ratio(speed[FL], speed[FL_OFF])}",
+              _hook_cost(hooks, speed[FL], ranks), "",
               "## 3. Scaling (2 ranks / 1 rank, samples/s)", "",
               f"- fastlaunch: {_ratio(speed[FL], s1[FL])}", f"- floor: {_ratio(speed[FLOOR], s1[FLOOR])}", "",
               "## 4. Syncs and collectives per steady-state training step (exact counts, rank 0)", ""]

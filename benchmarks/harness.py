@@ -49,7 +49,7 @@ def run_once(argv: list[str], extra: dict, items: int, timeout: float = 600) -> 
             lines = (proc.stderr or proc.stdout).strip().splitlines()
             errors = [line.strip() for line in lines if "Error" in line or "error" in line]
             return {"ok": False, "error": (errors or lines or ["no output"])[-1][:300]}
-        return {"ok": True, "first_step": min(r["first_step"] for r in ranks) - start,
+        return {"ok": True, "first_step": min(r["first_step"] for r in ranks) - start, "hooks": ranks[0].get("hooks"),
                 "samples_per_s": ranks[0]["samples_per_s"], "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
                 "counts": {k: ranks[0][k] for k in ("collectives_per_step", "syncs_per_step", "syncs")
                            if k in ranks[0]}}

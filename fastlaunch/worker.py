@@ -147,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         from .integrate import install
 
         install()
+    if denv.world_size > 1:
+        # DDP's constructor imports torch._dynamo: seconds when cold, on a busy machine more than a short
+        # --hang-timeout. Paid here, before the script, rather than inside a fit the hang watch times.
+        import torch._dynamo  # noqa: F401
     status = 1
     try:
         status = _run_script(argv[0], argv[1:])

@@ -20,3 +20,5 @@ def test_benchmarks_run_end_to_end_at_a_tiny_size(tmp_path):
     assert "- fastlaunch" not in failed  # fastlaunch's own runs all succeed (a peer may fail: it is reported)
     assert "- fastlaunch: 0.0 Python-level collectives, 0.0 sync calls per step" in text
     assert "- torchrun + hand-wrapped fastai: " in text.split("## 4.", 1)[1]
+    per_event = next(line for line in text.splitlines() if line.startswith("- instrumentation, per event:"))
+    assert "us of hooks per steady step (8 instrument events x" in per_event, per_event  # fastai's 8 step events

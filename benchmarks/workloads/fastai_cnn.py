@@ -43,5 +43,11 @@ if counting:
     from counting import Counts
 
     counts = Counts(learn)
+hooking = os.environ.get("BENCH_HOOKS") == "1"  # under fastlaunch only: what its instrumentation costs
+if hooking:
+    from hooks import HookCost
+
+    hooks = HookCost(learn)
 learn.fit(1, 1e-3)
-clock.write(os.environ.get("BENCH_TAG", "fastai"), counts.per_step() if counting else None)
+extra = counts.per_step() if counting else hooks.measure() if hooking else None
+clock.write(os.environ.get("BENCH_TAG", "fastai"), extra)
