@@ -49,7 +49,9 @@ def _hook_cost(result: dict, fl_speed: list[float], ranks: int) -> str:
     parts = ", ".join(f"{n:g} {what} x {hooks['ns_each'][what] / 1000:.2f} us" for what, n in hooks["per_step"].items())
     return (f"- instrumentation, per event: {hooks['ns_per_step'] / 1000:.0f} us of hooks per steady step ({parts}) "
             f"= {hooks['ns_per_step'] / step_ns:.2%} of a {step_ns / 1e6:.0f} ms step (counts exact, each cost the "
-            "best of 7 timed rounds)")
+            "best of 7 timed rounds)\n- heartbeat for the hang watch (on with or without instrumentation): "
+            f"{hooks['beats_per_step']} beats per step x {hooks['ns_per_beat'] / 1000:.2f} us = "
+            f"{hooks['beats_per_step'] * hooks['ns_per_beat'] / step_ns:.2%} of the step")
 
 
 def main(argv: list[str] | None = None) -> int:

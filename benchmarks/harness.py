@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,6 +38,15 @@ def _env(out: Path, tag: str, extra: dict) -> dict:
     return env
 
 
+def _why(output: str) -> str:
+    """The line of a failed run that says why: a rank's own exception, else the launcher's exit code line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip().strip("=-")]
+    raised = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b", line)
+              and "ChildFailedError" not in line]
+    codes = [line for line in lines if "exitcode" in line or "exit code" in line]
+    return ((raised or codes or lines or ["no output"])[-1])[:300]
+
+
 def run_once(argv: list[str], extra: dict, items: int, timeout: float = 600) -> dict:
     """One launch: launch-to-first-step, samples/s, peak RSS per rank, exit status."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,9 +56,7 @@ def run_once(argv: list[str], extra: dict, items: int, timeout: float = 600) -> 
                               capture_output=True, text=True, timeout=timeout)
         ranks = [json.loads(p.read_text()) for p in sorted(out.glob("run-rank*.json"))]
         if proc.returncode != 0 or not ranks:
-            lines = (proc.stderr or proc.stdout).strip().splitlines()
-            errors = [line.strip() for line in lines if "Error" in line or "error" in line]
-            return {"ok": False, "error": (errors or lines or ["no output"])[-1][:300]}
+            return {"ok": False, "error": f"exit {proc.returncode}: {_why(proc.stderr + proc.stdout)}"}
         return {"ok": True, "first_step": min(r["first_step"] for r in ranks) - start, "hooks": ranks[0].get("hooks"),
                 "samples_per_s": ranks[0]["samples_per_s"], "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
                 "counts": {k: ranks[0][k] for k in ("collectives_per_step", "syncs_per_step", "syncs")

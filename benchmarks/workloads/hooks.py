@@ -7,6 +7,7 @@ import timeit
 import torch
 from fastai.basics import Callback
 
+from fastlaunch import heartbeat
 from fastlaunch.callbacks.instrument import Instrument, TimedLoader
 from fastlaunch.instrument import syncs
 
@@ -45,6 +46,7 @@ class HookCost(Callback):
             return original_call(inst, event_name)
 
         Instrument.__call__ = counted_call
+        self.wrapped_item = torch.Tensor.item  # fastlaunch's counter wrapper (functools.wraps keeps the original)
         for name in _TENSOR:
             wrapped = getattr(torch.Tensor, name)
 
@@ -76,18 +78,20 @@ class HookCost(Callback):
         ns_events = _best_ns(one_step, number=2_000)
         inst._clock.reset()
         scalar = torch.tensor(1.0)
-        plain_item = torch.Tensor.item
-        while hasattr(plain_item, "__wrapped__"):
-            plain_item = plain_item.__wrapped__
-        ns_wrapper = max(0.0, _best_ns(lambda: scalar.item()) - _best_ns(lambda: plain_item(scalar)))
+        wrapped, plain = self.wrapped_item, getattr(self.wrapped_item, "__wrapped__", self.wrapped_item)
+        ns_wrapper = max(0.0, _best_ns(lambda: wrapped(scalar)) - _best_ns(lambda: plain(scalar)))
         items = list(range(1000))
         ns_next = max(0.0, (_best_ns(lambda: sum(1 for _ in TimedLoader(items, [])), number=200)
                             - _best_ns(lambda: sum(1 for _ in items), number=200)) / len(items))
         counter = syncs.counter
         ns_source = _best_ns(lambda: setattr(counter, "source", "x"))
+        dispatched = (len(learn.cbs) - 2) * len(step_events)  # callback calls per step, less these two
         per_step = {"instrument events": len(step_events), "tensor wrapper calls": self.tensor_calls / steps,
-                    "loader nexts": 1, "source names set": 2 * (len(learn.cbs) - 2) * len(step_events)}  # less these two
+                    "loader next calls": 1, "sync-source names set": 2 * dispatched}
         ns_each = {"instrument events": ns_events / max(len(step_events), 1), "tensor wrapper calls": ns_wrapper,
-                   "loader nexts": ns_next, "source names set": ns_source}
+                   "loader next calls": ns_next, "sync-source names set": ns_source}
         total = sum(per_step[k] * ns_each[k] for k in per_step)
-        return {"hooks": {"per_step": per_step, "ns_each": ns_each, "ns_per_step": total, "when": time.time()}}
+        # Not instrumentation, on with or without it: the heartbeat the hang watch reads, one per callback call.
+        ns_beat = _best_ns(lambda: heartbeat.beat("Recorder.after_batch", 0, 1))
+        return {"hooks": {"per_step": per_step, "ns_each": ns_each, "ns_per_step": total, "beats_per_step": dispatched,
+                          "ns_per_beat": ns_beat, "when": time.time()}}
