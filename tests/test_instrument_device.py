@@ -208,3 +208,37 @@ def test_real_gpu_run_times_with_events_and_audits_without_syncs(tmp_path):
     assert first["clock"] == "cuda events" and first["cuda_reserved_mb"] > 0
     assert first["audit_steps"] == 3 and first["syncs_per_step"] == 0
     assert first["audit_syncs_per_step"] == 0, first["audit_sources"]  # pinned, non_blocking batch copies
+
+
+def test_instrument_on_a_fake_gpu_rank_times_with_events_and_audits_only_the_first_epoch(counter):
+    from fastlaunch.callbacks.instrument import Instrument
+
+    torch_mod, cuda = _fake_torch()
+    inst = Instrument()
+    inst.learn = types.SimpleNamespace(training=True, dl=list(range(6)), epoch=0)
+    inst._on, inst._audit_due = True, True
+    inst._clock, inst._audit = Clock("cuda", torch_mod=torch_mod), SyncAudit("cuda", steps=3, torch_mod=torch_mod)
+    records = []
+    for epoch in range(2):
+        inst.before_train()
+        for step, _ in enumerate(inst.learn.dl):  # the TimedLoader: each next is a data wait
+            inst.before_batch()
+            cuda.now_ms += 7
+            inst.before_backward()
+            cuda.now_ms += 3
+            if epoch == 0 and step in (1, 2):  # a C++ sync inside the audited steps (1-3 follow the first)
+                warnings.warn(SYNC_WARNING)
+            inst.after_backward()
+            inst.after_batch()
+        waits_before_read = cuda.waits
+        inst.after_train()
+        assert cuda.waits == waits_before_read + 1  # the events are read once per epoch
+        records.append(inst._train)
+    first, second = records
+    assert first["clock"] == "cuda events" and first["steps"] == 5
+    assert first["step_time"] == pytest.approx(0.010) and first["work_time"] == pytest.approx(0.007)
+    assert first["audit_steps"] == 3 and first["audit_syncs_per_step"] == pytest.approx(2 / 3)
+    assert first["audit_sources"] == {"fastai": pytest.approx(2 / 3)}
+    assert "audit_steps" not in second and second["step_time"] == pytest.approx(0.010)
+    assert cuda.modes == ["warn", "default"]  # one window, closed
+    assert inst.learn.dl == list(range(6))  # the loader is given back unwrapped
