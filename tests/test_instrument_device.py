@@ -13,7 +13,7 @@ from conftest import SCRIPTS, only_run_dir, run_fastlaunch
 from fastlaunch.callbacks.placement import pin_batches
 from fastlaunch.instrument import memory, syncs
 from fastlaunch.instrument.audit import SYNC_WARNING, SyncAudit
-from fastlaunch.instrument.clock import Clock
+from fastlaunch.instrument.timing import Clock
 from fastlaunch.instrument.diagnose import diagnose
 from fastlaunch.integrate.nosync import nonblocking_to_device
 

@@ -1,6 +1,6 @@
 """Per-rank measurements of every real fit: memory, syncs per step, data wait, step and work time.
 
-Nothing here syncs or collects per batch: step and backward times come from clock.py (host clock on CPU
+Nothing here syncs or collects per batch: step and backward times come from timing.py (host clock on CPU
 ranks, CUDA events read once per epoch on GPU ranks), the data wait from the loader's own `next`, syncs
 from the counters of syncs.py (and, on GPU ranks, CUDA's own audit of a few steps of the first epoch).
 Once per epoch each rank appends one record to metrics/rank<R>.jsonl, waits at one barrier (how long
@@ -17,7 +17,7 @@ from .. import comm
 from ..device import probe_gpus
 from ..instrument import memory, syncs
 from ..instrument.audit import SyncAudit
-from ..instrument.clock import Clock
+from ..instrument.timing import Clock
 from .placement import in_real_fit
 
 __all__ = ["Instrument", "TimedLoader"]
