@@ -18,15 +18,21 @@ FL, FL_OFF, TR_FASTAI, FLOOR = ("fastlaunch", "fastlaunch, no instrumentation", 
 
 def _ratio(a: list[float], b: list[float]) -> str:
     """Median of the per-round ratios a/b, with their min-max spread (rounds ran side by side)."""
-    pairs = [x / y for x, y in zip(a, b) if x and y]
+    pairs = [x / y for x, y in zip(a, b) if x and y]  # a round where either failed is left out
     if not pairs:
         return "n/a"
     med = statistics.median(pairs)
     return f"{med:.2f}x (spread {min(pairs):.2f}-{max(pairs):.2f}, {len(pairs)} rounds)"
 
 
-def _values(runs: dict, name: str, key: str) -> list[float]:
-    return [r[key] for r in runs[name] if r.get("ok")]
+def _values(runs: dict, name: str, key: str) -> list[float | None]:
+    """One value per round, None where the run failed (rounds stay aligned across peers)."""
+    return [r.get(key) if r.get("ok") else None for r in runs[name]]
+
+
+def _median(values: list[float | None]) -> float:
+    got = [v for v in values if v is not None]
+    return statistics.median(got) if got else float("nan")
 
 
 def _machine() -> list[str]:
@@ -43,9 +49,9 @@ def _machine() -> list[str]:
 def _hook_cost(result: dict, fl_speed: list[float], ranks: int) -> str:
     """The instrumentation's deterministic cost: hooked events per step x ns per event / step time."""
     hooks = result.get("hooks") if result.get("ok") else None
-    if not isinstance(hooks, dict) or not fl_speed:
+    if not isinstance(hooks, dict) or not [v for v in fl_speed if v]:
         return f"- instrumentation, per event: not measured ({result.get('error') or hooks})"
-    step_ns = 64 * ranks / statistics.median(fl_speed) * 1e9  # every rank takes one batch of 64 per step
+    step_ns = 64 * ranks / _median(fl_speed) * 1e9  # every rank takes one batch of 64 per step
     parts = ", ".join(f"{n:g} {what} x {hooks['ns_each'][what] / 1000:.2f} us" for what, n in hooks["per_step"].items())
     return (f"- instrumentation, per event: {hooks['ns_per_step'] / 1000:.0f} us of hooks per steady step ({parts}) "
             f"= {hooks['ns_per_step'] / step_ns:.2%} of a {step_ns / 1e6:.0f} ms step (counts exact, each cost the "
@@ -98,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     s1 = {n: _values(scale, n, "samples_per_s") for n in scale}
     lines += ["## 1. Launch to first training step (2 ranks)", "",
               f"- fastlaunch / torchrun + hand-wrapped fastai: {_ratio(first[FL], first[TR_FASTAI])} "
-              f"(medians {statistics.median(first[FL]) if first[FL] else float('nan'):.1f} s and "
-              f"{statistics.median(first[TR_FASTAI]) if first[TR_FASTAI] else float('nan'):.1f} s)", "",
+              f"(medians {_median(first[FL]):.1f} s and "
+              f"{_median(first[TR_FASTAI]):.1f} s)", "",
               "## 2. Throughput (samples/s, small CNN, batch 64 per rank)", "",
               f"- fastlaunch / floor: {_ratio(speed[FL], speed[FLOOR])}",
               f"- fastlaunch / torchrun + hand-wrapped fastai: {_ratio(speed[FL], speed[TR_FASTAI])}",
@@ -117,16 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["  (DDP's own gradient all-reduce is not a Python-level call and is not counted.)", "",
               "## 5. Peak memory per rank (RSS, MB)", "",
               f"- fastlaunch / floor: {_ratio(rss[FL], rss[FLOOR])} (medians "
-              f"{statistics.median(rss[FL]) if rss[FL] else float('nan'):.0f} and "
-              f"{statistics.median(rss[FLOOR]) if rss[FLOOR] else float('nan'):.0f})", "",
+              f"{_median(rss[FL]):.0f} and "
+              f"{_median(rss[FLOOR]):.0f})", "",
               "## 6. Faults", ""]
-    ok = {n: [v for v in faults[n] if v is not None] for n in faults}
+    ok = faults
     lines += [f"- crash of rank 1 to exit: fastlaunch / torchrun: {_ratio(ok[FL], ok[TR_FASTAI])} (medians "
-              f"{statistics.median(ok[FL]) if ok[FL] else float('nan'):.1f} s and "
-              f"{statistics.median(ok[TR_FASTAI]) if ok[TR_FASTAI] else float('nan'):.1f} s)",
+              f"{_median(ok[FL]):.1f} s and "
+              f"{_median(ok[TR_FASTAI]):.1f} s)",
               f"- processes left 5 s after SIGKILL of the launcher: fastlaunch {orphans[FL]}, "
               f"torchrun {orphans[TR_FASTAI]}", ""]
-    failed = [f"- {name}: {r.get('error')}" for name, rs in {**runs, **scale}.items() for r in rs if not r.get("ok")]
+    failed = [f"- {name} ({how}): {r.get('error')}" for how, group in ((f"{ranks} ranks", runs), ("1 rank", scale))
+              for name, rs in group.items() for r in rs if not r.get("ok")]
     if failed:
         lines += ["## Runs that failed", ""] + failed + [""]
     Path(args.out).write_text("\n".join(lines))

@@ -22,3 +22,14 @@ def test_benchmarks_run_end_to_end_at_a_tiny_size(tmp_path):
     assert "- torchrun + hand-wrapped fastai: " in text.split("## 4.", 1)[1]
     per_event = next(line for line in text.splitlines() if line.startswith("- instrumentation, per event:"))
     assert "us of hooks per steady step (8 instrument events x" in per_event, per_event  # fastai's 8 step events
+
+
+def test_ratios_pair_the_same_round_and_leave_out_a_failed_one():
+    from benchmarks.__main__ import _median, _ratio, _values
+
+    runs = {"a": [{"ok": True, "v": 2.0}, {"ok": False, "error": "x"}, {"ok": True, "v": 4.0}],
+            "b": [{"ok": True, "v": 1.0}, {"ok": True, "v": 100.0}, {"ok": True, "v": 4.0}]}
+    a, b = _values(runs, "a", "v"), _values(runs, "b", "v")
+    assert a == [2.0, None, 4.0]
+    assert _ratio(a, b) == "1.50x (spread 1.00-2.00, 2 rounds)"  # round 2 left out, not paired with round 3
+    assert _median(a) == 3.0 and _median([None]) != _median([None])  # nan when nothing ran
