@@ -19,7 +19,8 @@ __all__ = ["Beat", "Heartbeat", "read_beats", "progress_file", "create", "instal
 # time, counter, pid, global rank, epoch, iter, flags (1: in a fit, 2: waiting in a known wait,
 # 4: reached the process group, 8: joining it, i.e. waiting for its peers, 16: inside a collective), event name
 _FORMAT = "<dqiiiii40s"
-SLOT = struct.calcsize(_FORMAT)
+_PACKER = struct.Struct(_FORMAT)
+SLOT = _PACKER.size
 IN_FIT, WAITING, REACHED_GROUP, JOINING_GROUP, IN_COLLECTIVE = 1, 2, 4, 8, 16
 
 
@@ -69,18 +70,27 @@ class Heartbeat:
         self._counter, self._flags, self._rank = 0, 0, rank
         self._epoch = self._iter = 0
         self._event = b""
+        self._names: dict[str, bytes] = {}  # event names as written: encoded once, not at every beat
+        self._pid = os.getpid()  # getpid is a system call; a forked child refreshes its copy
+        os.register_at_fork(after_in_child=self._refresh_pid)
+
+    def _refresh_pid(self) -> None:
+        self._pid = os.getpid()
 
     def beat(self, event: str | None = None, epoch: int | None = None, iteration: int | None = None) -> None:
         """Record progress now (and optionally where)."""
         if event is not None:
-            self._event = event.encode()[:40]
+            name = self._names.get(event)
+            if name is None:
+                name = self._names[event] = event.encode()[:40]
+            self._event = name
         if epoch is not None:
             self._epoch = epoch
         if iteration is not None:
             self._iter = iteration
         self._counter += 1
-        struct.pack_into(_FORMAT, self._map, self._offset, time.time(), self._counter, os.getpid(), self._rank,
-                         self._epoch, self._iter, self._flags, self._event)
+        _PACKER.pack_into(self._map, self._offset, time.time(), self._counter, self._pid, self._rank,
+                          self._epoch, self._iter, self._flags, self._event)
 
     def set_flag(self, flag: int, on: bool) -> None:
         self._flags = (self._flags | flag) if on else (self._flags & ~flag)

@@ -1,6 +1,8 @@
 """Progress slots in shared memory, and the hang rule, with a fake clock."""
 from __future__ import annotations
 
+import os
+
 from fastlaunch.hangwatch import find_hung
 from fastlaunch.heartbeat import (IN_FIT, JOINING_GROUP, REACHED_GROUP, WAITING, Beat, Heartbeat, create,
                                   read_beats)
@@ -22,6 +24,13 @@ def test_slots_round_trip(tmp_path):
     assert (b.rank, b.epoch, b.iter, b.flags, b.event, b.slot) == (5, 2, 7, IN_FIT, "MyCallback.after_batch", 1)
     assert b.where() == "MyCallback.after_batch (epoch 2, batch 7)" and b.who == "rank 5"
     assert beats[0].who == "local rank 0"
+    assert b.pid == os.getpid()
+    child = os.fork()  # a forked process publishes its own pid (the launcher signals it for its stack)
+    if child == 0:
+        hb.beat("Child.after_batch")
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert read_beats(path)[1].pid == child and read_beats(path)[1].event == "Child.after_batch"
 
 
 def test_the_rank_that_stopped_first_is_named():
