@@ -74,7 +74,10 @@ def _environ(extra: Mapping[str, str]) -> Iterator[None]:
 def _quiet_engine(verbose: bool) -> None:
     """The engine's own INFO/WARNING chatter stays off the console unless --verbose."""
     level = logging.INFO if verbose else logging.CRITICAL
-    for name in ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run"):
+    prefixes = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run")
+    # torch's module loggers set their own level (WARNING), so the parents' level alone does not hold them.
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(prefixes)]
+    for name in set(prefixes) | set(names):
         logging.getLogger(name).setLevel(level)
     if verbose:
         logging.basicConfig(level=logging.INFO, format="fastlaunch(engine): %(message)s")

@@ -79,3 +79,15 @@ def test_engine_config_one_node_loopback(tmp_path):
                              RankLogsSpecs(tmp_path))
     assert (elastic.rdzv_backend, elastic.min_nodes, elastic.max_nodes, elastic.run_id) == ("c10d", 1, 4, "x")
     assert worker_args(cfg) == ["-m", "fastlaunch.worker", "/s/train.py", "--x", ""]
+
+
+def test_engine_chatter_is_quiet_down_to_torchs_module_loggers():
+    import logging
+
+    import torch.distributed.elastic.agent.server.api  # noqa: F401  (its logger sets its own WARNING level)
+
+    from fastlaunch.engine import _quiet_engine
+
+    _quiet_engine(False)
+    for name in ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api"):
+        assert logging.getLogger(name).getEffectiveLevel() == logging.CRITICAL, name
