@@ -89,3 +89,28 @@ def test_export_leaves_fastlaunch_out_and_load_learner_gets_it_back(tmp_path):
     loaded.dls = learn.dls
     loaded.fit(1)  # the fit patch adds fastlaunch's callbacks to a Learner that skipped __init__
     assert sum(isinstance(cb, CALLBACKS) for cb in loaded.cbs) == len(CALLBACKS)
+
+
+def test_fastlaunch_callbacks_skip_the_events_they_do_not_handle_and_run_the_rest():
+    import types
+
+    from fastlaunch.callbacks import CALLBACKS, Instrument
+    from fastlaunch.callbacks.base import LeanCallback
+
+    assert all(issubclass(cls, LeanCallback) for cls in CALLBACKS)
+    assert Instrument._handles >= {"before_batch", "after_batch", "after_train", "after_fit"}
+    assert "after_pred" not in Instrument._handles
+
+    class Probe(LeanCallback):
+        def after_batch(self):
+            self.seen = getattr(self, "seen", 0) + 1
+
+    probe = Probe()
+    probe.learn = types.SimpleNamespace(training=True)
+    probe("after_pred")  # not handled: returns at once
+    probe("after_batch")
+    assert probe.seen == 1
+    probe.run = False
+    probe("after_batch")  # fastai's rules still apply to handled events: run=False skips them
+    probe("after_fit")  # and the end of a fit sets run back, handled or not
+    assert probe.seen == 1 and probe.run

@@ -14,10 +14,11 @@ import contextlib
 
 import torch
 import torch.distributed as dist
-from fastai.callback.core import (Callback, CancelEpochException, CancelFitException,
+from fastai.callback.core import (CancelEpochException, CancelFitException,
                                   CancelTrainException)
 
 from .. import heartbeat
+from .base import LeanCallback
 
 __all__ = ["StopState", "AgreedStop", "flag_bucket_hook", "ROUTED", "KINDS", "Preempted", "stop_state",
            "active_state", "STOPPED_BY_SIGNAL"]
@@ -169,7 +170,7 @@ flag_bucket_hook.__annotations__.update(bucket=dist.GradBucket, state=StopState,
                                         **{"return": torch.futures.Future[torch.Tensor]})
 
 
-class AgreedStop(Callback):
+class AgreedStop(LeanCallback):
     """Acts on agreed flags after each backward, and once per epoch after the trackers have spoken."""
 
     order = 200  # after EarlyStopping, SaveModelCallback and every other tracker

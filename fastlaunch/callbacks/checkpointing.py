@@ -13,11 +13,11 @@ from functools import partial
 
 import numpy as np
 import torch
-from fastai.callback.core import Callback
 
 from .. import checkpoint
 from ..comm import current_env, is_rank_zero
 from .placement import DistributedFit
+from .base import LeanCallback
 
 __all__ = ["begin_fit", "ResumeFit", "EpochCheckpoints", "preempt_writer"]
 
@@ -57,7 +57,7 @@ def begin_fit(learn) -> list:
     return [ResumeFit(plan)]
 
 
-class ResumeFit(Callback):
+class ResumeFit(LeanCallback):
     """Loads a checkpoint into this fit and fast-forwards it to the batch where it stopped."""
 
     order = DistributedFit.order - 1  # load the weights before the model is wrapped
@@ -116,7 +116,7 @@ def preempt_writer(learn, position: str) -> None:
     print(f"fastlaunch: stopped by a signal; checkpoint {path}", flush=True)
 
 
-class EpochCheckpoints(Callback):
+class EpochCheckpoints(LeanCallback):
     """With --checkpoint-every epoch, rank 0 writes checkpoints/epoch<E>.pt after each epoch (last k kept)."""
 
     order = 210  # after every tracker and after the agreed stop

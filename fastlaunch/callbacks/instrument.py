@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 
-from fastai.callback.core import Callback
 
 from .. import comm
 from ..device import probe_gpus
@@ -19,6 +18,7 @@ from ..instrument import memory, syncs
 from ..instrument.audit import SyncAudit
 from ..instrument.timing import Clock
 from .placement import in_real_fit
+from .base import LeanCallback
 
 __all__ = ["Instrument", "TimedLoader"]
 
@@ -53,7 +53,7 @@ class TimedLoader:
         return getattr(self._dl, name)
 
 
-class Instrument(Callback):
+class Instrument(LeanCallback):
     """Measures each real fit on every rank (off with --no-instrument)."""
 
     order = 220  # after the checkpoints of the epoch

@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 from fastai.learner import Recorder
 from fastai.torch_core import find_bs, to_device
-from fastai.callback.core import Callback, CancelEpochException, CancelFitException
+from fastai.callback.core import CancelEpochException, CancelFitException
 
 from ..comm import all_gather_object
 from ..sharding import ShardedDL
 from .agreement import KINDS, stop_state
+from .base import LeanCallback
 
 __all__ = ["WholeSetMetrics", "interleave"]
 
@@ -34,7 +35,7 @@ def _flat(pred, yb) -> list[torch.Tensor] | None:
     return items if all(isinstance(t, torch.Tensor) and t.ndim > 0 for t in items) else None
 
 
-class WholeSetMetrics(Callback):
+class WholeSetMetrics(LeanCallback):
     """Gathers the epoch's validation outputs once and recomputes loss and metrics over the whole set."""
 
     order = Recorder.order - 1  # before Recorder reads the metrics in after_validate

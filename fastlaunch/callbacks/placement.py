@@ -1,7 +1,7 @@
 """Placement and data parallelism for every real fit: rank device, DDP wrap, sharded DataLoaders."""
 from __future__ import annotations
 
-from fastai.callback.core import Callback, TrainEvalCallback
+from fastai.callback.core import TrainEvalCallback
 from torch.nn.parallel import DistributedDataParallel
 
 from ..comm import current_env, ensure_process_group, is_rank_zero
@@ -9,6 +9,7 @@ from ..device import rank_device
 from ..seeding import reseed_per_rank
 from ..sharding import ShardedDL
 from .agreement import StopState, flag_bucket_hook
+from .base import LeanCallback
 
 __all__ = ["DistributedFit", "FastlaunchDDP", "in_real_fit", "pin_batches"]
 
@@ -73,7 +74,7 @@ def in_real_fit(learn) -> bool:
     return getattr(learn, "_fastlaunch_fit_depth", 0) > 0
 
 
-class DistributedFit(Callback):
+class DistributedFit(LeanCallback):
     """Puts model and data on the rank's device; wraps the model in DDP and shards the data for a fit."""
 
     order = TrainEvalCallback.order - 1  # before TrainEvalCallback moves the model to dls.device

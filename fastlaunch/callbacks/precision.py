@@ -6,12 +6,12 @@ rank 0; a Learner never carries two MixedPrecision callbacks.
 from __future__ import annotations
 
 import torch
-from fastai.callback.core import Callback
 from fastai.callback.fp16 import AMPMode, MixedPrecision
 from fastcore.foundation import L
 
 from ..comm import current_env, is_rank_zero
 from ..errors import UsageError
+from .base import LeanCallback
 
 __all__ = ["DevicePrecision", "LauncherPrecision", "use_script_precision", "bf16_check"]
 
@@ -61,7 +61,7 @@ def use_script_precision(learn, cb: MixedPrecision):
     return learn
 
 
-class LauncherPrecision(Callback):
+class LauncherPrecision(LeanCallback):
     """Gives every Learner the launcher's --precision, unless the script chose one itself."""
 
     def after_create(self):

@@ -1,16 +1,16 @@
 """Console output on rank 0 only: other ranks keep no progress bar and print no epoch table."""
 from __future__ import annotations
 
-from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 from fastcore.basics import noop
 
 from ..comm import is_rank_zero
+from .base import LeanCallback
 
 __all__ = ["RankZeroOutput"]
 
 
-class RankZeroOutput(Callback):
+class RankZeroOutput(LeanCallback):
     """On ranks other than 0, silences the Learner's logger and removes its progress bar."""
 
     order = ProgressCallback.order - 1

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from fastai.callback.core import Callback, CancelEpochException, CancelFitException
+from fastai.callback.core import CancelEpochException, CancelFitException
 from fastai.learner import Recorder
 
 from .agreement import KINDS, stop_state
+from .base import LeanCallback
 
 __all__ = ["RecorderSync"]
 
 
-class RecorderSync(Callback):
+class RecorderSync(LeanCallback):
     """Averages the recorder's smoothed losses (and summable train metrics) across ranks per epoch."""
 
     order = Recorder.order - 1  # before Recorder.after_train logs the epoch's train loss
