@@ -9,9 +9,12 @@ from typing import Mapping
 
 from .errors import UsageError
 
-__all__ = ["Precision", "LaunchConfig", "ENV_PREFIX"]
+__all__ = ["Precision", "LaunchConfig", "ENV_PREFIX", "STOPPED_BY_SIGNAL"]
 
 ENV_PREFIX = "FASTLAUNCH_"
+# The exit status of ranks and launcher stopped (and checkpointed) by SIGTERM/SIGUSR1. EX_TEMPFAIL: the
+# Slurm job script requeues itself on it.
+STOPPED_BY_SIGNAL = 75
 
 
 class Precision(str, enum.Enum):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Sequence
 
 from .doctor import Finding, exit_status, run_checks

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 from . import heartbeat, rendezvous
-from .config import LaunchConfig
+from .config import STOPPED_BY_SIGNAL, LaunchConfig
 from .hangwatch import HangWatch
 from .logs import ConsoleFollower, RankLogsSpecs, tail_lines
 
@@ -23,7 +23,6 @@ _TAIL_LINES = 40
 # SIGUSR1 is what Slurm sends before the time limit; the engine's default list omits it, and its
 # default action would kill the launcher alone.
 _HANDLED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-STOPPED_BY_SIGNAL = 75  # EX_TEMPFAIL: the job script requeues itself on this status
 
 
 def worker_args(config: LaunchConfig) -> list[str]:

@@ -109,7 +109,7 @@ def read_beats(path: Path) -> list[Beat]:
     data = path.read_bytes()
     beats = []
     for offset in range(0, len(data) - SLOT + 1, SLOT):
-        t, counter, pid, rank, epoch, it, flags, event = struct.unpack_from(_FORMAT, data, offset)
+        t, counter, pid, rank, epoch, it, flags, event = _PACKER.unpack_from(data, offset)
         beats.append(Beat(t, counter, pid, rank, epoch, it, flags, event.rstrip(b"\0").decode(errors="replace"),
                           slot=offset // SLOT))
     return beats

@@ -21,6 +21,8 @@ import signal  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
 
+from .config import STOPPED_BY_SIGNAL  # noqa: E402
+
 __all__ = ["main", "arm_parent_death"]
 
 _PR_SET_PDEATHSIG = 1
@@ -79,7 +81,7 @@ def _on_stop_signal(signum, frame) -> None:
     agreement = sys.modules.get("fastlaunch.callbacks.agreement")  # loaded once fastai is integrated
     state = agreement.active_state() if agreement is not None else None
     if state is None:
-        raise SystemExit(75)  # the engine's STOPPED_BY_SIGNAL
+        raise SystemExit(STOPPED_BY_SIGNAL)
     state.request(agreement.Preempted)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import types
 
-import pytest
 import torch
 
 from conftest import SCRIPTS, run_fastlaunch

@@ -2,6 +2,7 @@
 NVML missing or refusing, pinned non_blocking batch copies, GradScaler's syncs by design."""
 from __future__ import annotations
 
+import json
 import types
 import warnings
 
@@ -183,8 +184,6 @@ def test_fp16_gradscaler_makes_two_syncs_per_step_by_design(tmp_path):
     proc = run_fastlaunch(["--cpu", "2", "--precision", "fp16", SCRIPTS / "instrument_probe.py"], tmp_path,
                           env={"FL_PROBE_OUT": str(out), "FL_MODE": "plain"})
     assert proc.returncode == 0, proc.stderr
-    import json
-
     report = json.loads((only_run_dir(tmp_path) / "report.json").read_text())
     for rec in report["epochs"]:  # GradScaler.step's inf check and get_scale: 2 .item() per step
         assert rec["syncs_per_step"] == pytest.approx(2.0) and rec["by_design_syncs_per_step"] == pytest.approx(2.0)
@@ -196,8 +195,6 @@ def test_fp16_gradscaler_makes_two_syncs_per_step_by_design(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() == 0, reason="needs a CUDA device; none is visible here")
 def test_real_gpu_run_times_with_events_and_audits_without_syncs(tmp_path):
-    import json
-
     out = tmp_path / "out"
     out.mkdir()
     proc = run_fastlaunch(["--gpus", "1", SCRIPTS / "instrument_probe.py"], tmp_path,

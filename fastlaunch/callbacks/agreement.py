@@ -10,20 +10,18 @@ Every rank reads the same summed flags at the same point and raises the same exc
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.distributed as dist
 from fastai.callback.core import (CancelEpochException, CancelFitException,
                                   CancelTrainException)
 
 from .. import heartbeat
+from ..config import STOPPED_BY_SIGNAL
+from ..instrument import syncs
 from .base import LeanCallback
 
 __all__ = ["StopState", "AgreedStop", "flag_bucket_hook", "ROUTED", "KINDS", "Preempted", "stop_state",
            "active_state", "STOPPED_BY_SIGNAL"]
-
-STOPPED_BY_SIGNAL = 75  # the exit status of ranks stopped (and checkpointed) by SIGTERM/SIGUSR1
 
 
 class Preempted(Exception):
@@ -82,7 +80,7 @@ class StopState:
         if received is None:
             return None
         if received.device.type != "cuda":
-            with _not_a_sync():  # already on the host: reading it waits for nothing
+            with syncs.not_counted():  # already on the host: reading it waits for nothing
                 return received.tolist()
         previous, event = self._in_flight or (None, None)
         host = received.to("cpu", non_blocking=True)
@@ -92,7 +90,7 @@ class StopState:
         if previous is None:
             return None
         event.synchronize()  # recorded a whole step ago: already complete in practice
-        with _not_a_sync():
+        with syncs.not_counted():
             return previous.tolist()
 
     def agree(self, summed: list[float], allowed: tuple[type, ...] = KINDS, position: str = "batch") -> None:
@@ -117,13 +115,6 @@ class StopState:
             exc = cls()
             exc.agreed = True  # raised by agreement: not intercepted again
             raise exc
-
-
-def _not_a_sync():
-    """Reads of host tensors fastlaunch made itself are not counted as the script's syncs."""
-    from ..instrument import syncs
-
-    return syncs.counter.paused() if syncs.counter is not None else contextlib.nullcontext()
 
 
 def stop_state(learn) -> StopState | None:

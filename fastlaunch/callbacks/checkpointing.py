@@ -16,8 +16,8 @@ import torch
 
 from .. import checkpoint
 from ..comm import current_env, is_rank_zero
-from .placement import DistributedFit
 from .base import LeanCallback
+from .placement import DistributedFit
 
 __all__ = ["begin_fit", "ResumeFit", "EpochCheckpoints", "preempt_writer"]
 

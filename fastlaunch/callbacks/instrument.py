@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import time
 
-
 from .. import comm
 from ..device import probe_gpus
 from ..instrument import memory, syncs
 from ..instrument.audit import SyncAudit
 from ..instrument.timing import Clock
-from .placement import in_real_fit
 from .base import LeanCallback
+from .placement import in_real_fit
 
 __all__ = ["Instrument", "TimedLoader"]
 
@@ -57,6 +56,7 @@ class Instrument(LeanCallback):
     """Measures each real fit on every rank (off with --no-instrument)."""
 
     order = 220  # after the checkpoints of the epoch
+    _on = False  # measuring this fit (set in before_fit)
 
     def before_fit(self):
         denv = comm.current_env()
@@ -75,7 +75,7 @@ class Instrument(LeanCallback):
         self._nvml = memory.open_nvml() if denv.device_type == "cuda" else None
 
     def before_train(self):
-        if not getattr(self, "_on", False):
+        if not self._on:
             return
         self._waits, self._steps, self._started, self._audited = [], 0, False, {}
         self._clock.reset()
@@ -83,19 +83,19 @@ class Instrument(LeanCallback):
         self.learn.dl = TimedLoader(self.learn.dl, self._waits)
 
     def before_batch(self):
-        if getattr(self, "_on", False) and self.training and self._started:
+        if self._on and self.training and self._started:
             syncs.counter.counting = True  # steady state: the epoch's first step is left out
 
     def before_backward(self):
-        if getattr(self, "_on", False) and self._started:
+        if self._on and self._started:
             self._clock.begin("backward")
 
     def after_backward(self):
-        if getattr(self, "_on", False) and self._started:
+        if self._on and self._started:
             self._clock.end("backward")  # includes waiting for slower ranks at the gradient all-reduce
 
     def after_batch(self):
-        if not getattr(self, "_on", False) or not self.training:
+        if not self._on or not self.training:
             return
         syncs.counter.counting = False
         if not self._started:
@@ -109,7 +109,7 @@ class Instrument(LeanCallback):
             self._audited = self._audit.stop()
 
     def after_train(self):
-        if not getattr(self, "_on", False):
+        if not self._on:
             return
         syncs.counter.counting = False
         self._audited = self._audit.stop() or self._audited
@@ -130,11 +130,11 @@ class Instrument(LeanCallback):
         }
 
     def after_fit(self):
-        if getattr(self, "_on", False):
+        if self._on:
             self._audit.stop()  # a fit cancelled inside the window leaves no debug mode behind
 
     def after_epoch(self):
-        if not getattr(self, "_on", False) or not hasattr(self, "_train"):
+        if not self._on or not hasattr(self, "_train"):
             return
         denv = comm.current_env()
         start = time.perf_counter()

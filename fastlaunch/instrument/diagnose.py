@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from statistics import mean, median
 
+from . import syncs
+
 __all__ = ["diagnose"]
 
 
@@ -29,7 +31,7 @@ def _syncs(rank: int, recs: list[dict]) -> list[str]:
     per_step = mean(r["syncs_per_step"] for r in recs)
     designed = mean(r.get("by_design_syncs_per_step", 0.0) for r in recs)
     if per_step - designed >= 0.5:
-        top, n = _top(recs, "sync_sources", keep=lambda src: "GradScaler" not in src)
+        top, n = _top(recs, "sync_sources", keep=lambda src: syncs.BY_DESIGN not in src)
         what = "avoidable syncs" if designed >= 0.5 else "syncs"
         found.append(f"rank {rank}: {per_step - designed:.1f} {what} per step, {n:.1f} from {top}: each one "
                      "waits for the GPU to finish; keep values on the device, read them once per epoch")

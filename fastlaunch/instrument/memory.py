@@ -5,6 +5,7 @@ One torch.cuda.memory_stats() call per sample; NVML handles are found by the GPU
 """
 from __future__ import annotations
 
+import functools
 import resource
 from typing import Any
 
@@ -26,9 +27,10 @@ def _cuda(stats: dict) -> dict:
     }
 
 
+@functools.cache
 def open_nvml(importer: Any = None) -> Any:
     """NVML (nvidia-ml-py) ready for use, or None when it is missing or the driver refuses: the CUDA
-    figures are reported without the device's own view then."""
+    figures are reported without the device's own view then. Initialised once per process."""
     try:
         if importer is None:
             import pynvml as nvml

@@ -16,7 +16,7 @@ from collections import Counter
 
 import torch
 
-__all__ = ["SyncCounter", "counter", "BY_DESIGN", "by_design"]
+__all__ = ["SyncCounter", "counter", "BY_DESIGN", "by_design", "not_counted"]
 
 _METHODS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__")
 BY_DESIGN = " in GradScaler"  # appended to the method of a sync GradScaler makes
@@ -83,3 +83,8 @@ class SyncCounter:
 
 
 counter: SyncCounter | None = None  # this rank's, once installed
+
+
+def not_counted():
+    """For reads of host copies fastlaunch made itself (they wait for nothing): the counter paused."""
+    return counter.paused() if counter is not None else contextlib.nullcontext()

@@ -41,11 +41,7 @@ def patch_progress_comment_without_sync() -> None:
             return
         shown = getattr(self, "_shown", None)
         if shown is not None and (shown[1] is None or shown[1].query()):
-            counter = syncs.counter
-            if counter is not None:
-                with counter.paused():  # a host copy already made: reading it waits for nothing
-                    self.pbar.comment = f"{float(shown[0]):.4f}"
-            else:
+            with syncs.not_counted():  # a host copy already made: reading it waits for nothing
                 self.pbar.comment = f"{float(shown[0]):.4f}"
         loss = torch.as_tensor(self.smooth_loss).detach()
         if loss.is_cuda:
