@@ -14,6 +14,7 @@ from typing import Iterator, Mapping
 
 from . import heartbeat, rendezvous
 from .config import STOPPED_BY_SIGNAL, LaunchConfig
+from .failwatch import FailureWatch
 from .hangwatch import HangWatch
 from .logs import ConsoleFollower, RankLogsSpecs, tail_lines
 
@@ -108,12 +109,20 @@ def _callstack(failure) -> str:
     return ""
 
 
+def _extra(failure) -> dict:
+    """What fastlaunch's worker added to the rank's failure record (empty without one)."""
+    message = failure.error_file_data.get("message") if isinstance(failure.error_file_data, dict) else None
+    return message.get("extraInfo", {}) if isinstance(message, dict) else {}
+
+
 def _precise_time(failure) -> float:
     """The failure's time: fastlaunch's sub-second record when the rank wrote one."""
-    message = failure.error_file_data.get("message") if isinstance(failure.error_file_data, dict) else None
-    if isinstance(message, dict):
-        return float(message.get("extraInfo", {}).get("fastlaunch_time", failure.timestamp))
-    return float(failure.timestamp)
+    return float(_extra(failure).get("fastlaunch_time", failure.timestamp))
+
+
+def _exit_code(failure) -> int:
+    """The exit code the rank recorded with its failure (the failure watch may have killed it since)."""
+    return int(_extra(failure).get("fastlaunch_exit", failure.exitcode))
 
 
 def is_consequence(failure) -> bool:
@@ -121,22 +130,26 @@ def is_consequence(failure) -> bool:
     return failure.exitcode == -signal.SIGTERM or any(m in _message(failure) for m in _CONSEQUENCE_MARKERS)
 
 
-def root_cause(failures: dict) -> int:
-    """The global rank that failed first for its own reasons."""
+def root_cause(failures: dict, stopped: set[int] = frozenset()) -> int:
+    """The global rank that failed first for its own reasons; `stopped`: ranks the failure watch killed
+    because another had recorded a failure (never the cause)."""
+    failures = {r: f for r, f in failures.items() if r not in stopped} or failures
+
     def key(item):
         rank, failure = item
         return (is_consequence(failure), failure.error_file_data == {}, _precise_time(failure), rank)
     return min(failures.items(), key=key)[0]
 
 
-def _summarize_failure(err, logs_specs: RankLogsSpecs, console_rank: int) -> int:
-    """Name the failing rank, its error and log, and show the tail of its log; return the exit status."""
+def _summarize_failure(err, logs_specs: RankLogsSpecs, console_rank: int, stopped: set[int]) -> int:
+    """Name the failing rank, its error and log, and show the tail of its log; return the exit status.
+    `stopped`: ranks the failure watch killed because another rank had recorded a failure."""
     failures = err.failures  # global rank -> ProcessFailure
-    rank = root_cause(failures)
+    rank = root_cause(failures, stopped)
     failure = failures[rank]
     log = logs_specs.log_path(rank)
     out = sys.stderr
-    print(f"fastlaunch: rank {rank} failed (exit code {failure.exitcode}): {_message(failure)}", file=out)
+    print(f"fastlaunch: rank {rank} failed (exit code {_exit_code(failure)}): {_message(failure)}", file=out)
     if rank != console_rank:  # rank 0's own output already reached the console
         stack = _callstack(failure)
         if stack:
@@ -148,11 +161,11 @@ def _summarize_failure(err, logs_specs: RankLogsSpecs, console_rank: int) -> int
         for line in lines:
             print(f"  {line}", file=out)
     for other in sorted(r for r in failures if r != rank):
-        why = "stopped as a consequence" if is_consequence(failures[other]) else "also failed"
+        why = "stopped as a consequence" if other in stopped or is_consequence(failures[other]) else "also failed"
         print(f"fastlaunch: rank {other} {why} (exit code {failures[other].exitcode}): "
               f"{_message(failures[other])[:160]}", file=out)
     print(f"fastlaunch: logs: {logs_specs.log_dir}", file=out)
-    return _exit_status(failure.exitcode)
+    return _exit_status(_exit_code(failure))
 
 
 def _summarize_hang(verdict, logs_specs: RankLogsSpecs) -> int:
@@ -239,13 +252,17 @@ def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
     progress = heartbeat.progress_file(config.run_dir)
     heartbeat.create(progress, config.nproc_per_node)
     watch = HangWatch(progress, config.hang_timeout)
+    failwatch = FailureWatch(logs_specs.error_files, progress)
     try:
-        with _environ(config.to_env()), follower, watch:
+        with _environ(config.to_env()), follower, watch, failwatch:
             elastic_launch(elastic_config(config, logs_specs, port), sys.executable)(*worker_args(config))
     except ChildFailedError as err:
+        # killed by the watch without a failure record of their own: consequences of the recorded one
+        stopped = {r for r in failwatch.consequences() if r in err.failures and not _extra(err.failures[r])}
         status = _summarize_hang(watch.verdict, logs_specs) if watch.verdict else \
-            _summarize_failure(err, logs_specs, console_rank=0)
-        failed = [watch.verdict[0].rank] if watch.verdict else [root_cause(err.failures)]
+            _summarize_failure(err, logs_specs, console_rank=0, stopped=stopped)
+        failed = [watch.verdict[0].rank] if watch.verdict else \
+            [root_cause(err.failures, stopped)]
     except KeyboardInterrupt:
         print("fastlaunch: interrupted; ranks stopped", file=sys.stderr)
         status = 130

@@ -31,6 +31,7 @@ class RankLogsSpecs(LogsSpecs):
         self._console_rank = console_rank
         self._on_console_log = on_console_log
         self._paths: dict[int, Path] = {}
+        self._error_files: dict[int, Path] = {}
 
     @property
     def root_log_dir(self) -> str:
@@ -39,6 +40,10 @@ class RankLogsSpecs(LogsSpecs):
     def log_path(self, rank: int) -> Path | None:
         """The latest attempt's log of a global rank, if this node ran it."""
         return self._paths.get(rank)
+
+    def error_files(self) -> dict[int, Path]:
+        """The latest attempt's error file of each global rank this node runs."""
+        return dict(self._error_files)
 
     def reify(self, envs: dict[int, dict[str, str]]) -> LogsDest:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -53,6 +58,7 @@ class RankLogsSpecs(LogsSpecs):
             dest.error_files[local_rank] = str(error_file)
             env["TORCHELASTIC_ERROR_FILE"] = str(error_file)
             self._paths[rank] = log
+            self._error_files[rank] = error_file
             if rank == self._console_rank and self._on_console_log is not None:
                 self._on_console_log(log)
         return dest

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 import math
 import random
@@ -20,7 +21,7 @@ from torch.utils.data import BatchSampler, IterableDataset, RandomSampler, Seque
 
 from .errors import UsageError
 
-__all__ = ["ShardedDL", "shard_indices", "shard_sizes"]
+__all__ = ["ShardedDL", "shard_indices", "shard_sizes", "batch_shards"]
 
 _instances = itertools.count()  # the same sequence on every rank: every rank wraps the same loaders
 
@@ -41,6 +42,18 @@ def shard_indices(idxs: list, rank: int, world: int, bs: int, drop_last: bool) -
     elif pad:
         idxs = idxs + (idxs * math.ceil(pad / max(len(idxs), 1)))[:pad]
     return idxs[rank::world]
+
+
+def batch_shards(n: int, world: int, bs: int, drop_last: bool) -> list[list[tuple[int, int, bool]]]:
+    """Evaluation shards whole batches: one process's batches (start, size) dealt to the ranks in turn,
+    rank r taking batches r, r + world, ...; the ranks left a batch short get a padding batch (a repeat,
+    marked False) so every rank runs the same number of forwards. A batch is then the very batch one
+    process makes (same items, same padding of variable-length items)."""
+    sizes = [bs] * (n // bs) + ([] if drop_last or n % bs == 0 else [n % bs])
+    batches = [(i * bs, size, True) for i, size in enumerate(sizes)]
+    short = -len(batches) % world
+    batches += [(start, size, False) for start, size, _ in (batches * world)[:short]]
+    return [batches[r::world] for r in range(world)]
 
 
 @contextlib.contextmanager
@@ -74,11 +87,51 @@ def _from_torch(dl: torch.utils.data.DataLoader) -> DataLoader:
                       persistent_workers=dl.persistent_workers, create_batch=dl.collate_fn, **kwargs)
 
 
+def _lm_item(dl, layout_bs: int, seq):
+    """fastai's LMDataLoader.create_item with the stream layout of the global batch (layout_bs streams)
+    while the loader batches by this rank's bs: the same text, cut the same way, as one process."""
+    if seq is None:
+        seq = 0
+    if seq >= dl.n:
+        raise IndexError
+    sl = dl.last_len if seq // layout_bs == dl.n_batches - 1 else dl.seq_len
+    st = (seq % layout_bs) * dl.bl + (seq // layout_bs) * dl.seq_len
+    txt = dl.chunks[st: st + sl + 1]
+    from fastai.text.data import LMTensorText
+    return LMTensorText(txt[:-1]), txt[1:]
+
+
+def _is_lm(dl) -> bool:
+    import sys
+    text_data = sys.modules.get("fastai.text.data")  # not loaded: no language-model loader exists
+    return text_data is not None and isinstance(dl, text_data.LMDataLoader)
+
+
+def _lm_for_ranks(dl, per_rank_bs: int, world: int, evaluation: bool):
+    """A language-model loader cuts its corpus into `bs` streams and a batch is one chunk of each stream;
+    interleaving items across ranks mixed positions of the same streams in one batch (the hidden state
+    carried across batches went wrong, and a short last chunk failed to collate). Here each rank takes
+    every world-th stream at every position: its own streams, contiguous from batch to batch. Training
+    lays the corpus out in (per-rank bs x ranks) streams, one process's layout for the global batch;
+    evaluation keeps the loader's own layout (bs / ranks streams each), so whole-set figures are one
+    process's."""
+    if evaluation and dl.bs % world == 0:
+        layout, per_rank_bs = dl.bs, dl.bs // world
+    else:
+        layout = per_rank_bs * world
+    if dl.bs != layout:
+        dl = dl.new(bs=layout)
+    dl = copy.copy(dl)
+    dl.bs = per_rank_bs
+    dl.create_item = functools.partial(_lm_item, dl, layout)
+    return dl
+
+
 class ShardedDL(TfmdDL):
     """Wraps a DataLoader; every epoch all ranks agree on one shuffled order and each takes its share."""
 
     def __init__(self, dl, rank: int | None = None, world_size: int | None = None, device=None,
-                 seed: int | None = None, bs: int | None = None):
+                 seed: int | None = None, bs: int | None = None, evaluation: bool = False):
         from .comm import broadcast_object, current_env
 
         denv = current_env()
@@ -86,7 +139,11 @@ class ShardedDL(TfmdDL):
         world_size = denv.world_size if world_size is None else world_size
         if isinstance(dl, torch.utils.data.DataLoader):
             dl = _from_torch(dl)
-        if bs is not None and bs != dl.bs:  # --keep-global-batch: the wrapped loader batches by bs
+        # evaluation (not of a language model, sharded by streams) deals out one process's whole batches
+        self.batch_sharded = evaluation and not _is_lm(dl)
+        if _is_lm(dl):
+            dl = _lm_for_ranks(dl, bs or dl.bs, world_size, evaluation)
+        elif bs is not None and bs != dl.bs and not evaluation:  # --keep-global-batch: batches of bs
             dl = copy.copy(dl)
             dl.bs = bs
         if dl.n is None:
@@ -102,6 +159,9 @@ class ShardedDL(TfmdDL):
         self.offs, self.pin_memory, self.indexed = dl.offs, dl.pin_memory, dl.indexed
         self.shuffle = dl.shuffle
         self.n, self.n_pad = shard_sizes(dl.n, world_size, self.bs, self.drop_last)
+        if self.batch_sharded:
+            mine = batch_shards(dl.n, world_size, self.bs, self.drop_last)[rank]
+            self.n, self._real = sum(size for _, size, _ in mine), sum(size for _, size, real in mine if real)
         self.device = dl.device if device is None else device
         if device is not None:
             dl.to(device)
@@ -112,6 +172,8 @@ class ShardedDL(TfmdDL):
 
     def real_count(self) -> int:
         """Items of this rank's shard that are not padding (for whole-set evaluation)."""
+        if self.batch_sharded:
+            return self._real
         padded_ranks = range(self.world_size - self.n_pad, self.world_size)
         return self.n - (1 if self.rank in padded_ranks else 0)
 
@@ -120,7 +182,11 @@ class ShardedDL(TfmdDL):
         with _agreed_global_rng(self.seed + self.epoch):  # loaders that shuffle with numpy's (SortedDL)
             base = list(self.dl.get_idxs())
         self.epoch += 1
-        idxs = shard_indices(base, self.rank, self.world_size, self.bs, self.drop_last)
+        if self.batch_sharded:
+            mine = batch_shards(len(base), self.world_size, self.bs, self.drop_last)[self.rank]
+            idxs = [i for start, size, _ in mine for i in base[start:start + size]]
+        else:
+            idxs = shard_indices(base, self.rank, self.world_size, self.bs, self.drop_last)
         skip, self.skip_batches = self.skip_batches * self.bs, 0
         return idxs[skip:]
 

@@ -43,18 +43,24 @@ def arm_parent_death(expected_parent: int | None) -> None:
         os._exit(1)
 
 
-def _record_failure(exc: BaseException) -> None:
-    """Write the engine's error file, with a sub-second time, so the launcher can tell the first failure."""
+def _record_failure(exc: BaseException, status: int) -> None:
+    """Write the engine's error file, with a sub-second time, this process's pid and the exit status it
+    would leave with. The launcher acts on the record at once (failwatch.py): a rank that lingers after
+    failing (atexit handlers, threads, a slow teardown) never holds its peers in a collective. Written to
+    a temporary name and renamed, so the launcher never reads half a record."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
     now = time.time()
     record = {"message": {"message": f"{type(exc).__name__}: {exc}", "extraInfo": {
         "py_callstack": "".join(traceback.format_exception(exc)), "timestamp": str(int(now)),
-        "fastlaunch_time": now}}}
+        "fastlaunch_time": now, "fastlaunch_pid": os.getpid(), "fastlaunch_exit": status}}}
+    sys.stdout.flush()
+    sys.stderr.flush()
     try:
-        with open(path, "w") as fh:
+        with open(f"{path}.{os.getpid()}.tmp", "w") as fh:
             json.dump(record, fh)
+        os.replace(f"{path}.{os.getpid()}.tmp", path)
     except OSError:
         pass
 
@@ -107,11 +113,11 @@ def _run_script(script: str, args: list[str]) -> int:
         return _exit_code(exc.code)
     except UsageError as exc:  # a mistake the user made (e.g. an unshardable DataLoader): one line
         print(exc, file=sys.stderr)
-        _record_failure(exc)
+        _record_failure(exc, exc.exit_code)
         return exc.exit_code
     except BaseException as exc:
         traceback.print_exc()
-        _record_failure(exc)
+        _record_failure(exc, 1)
         return 1
     return 0
 

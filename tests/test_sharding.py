@@ -7,7 +7,7 @@ from fastai.data.load import DataLoader
 from torch.utils.data import IterableDataset, SubsetRandomSampler
 
 from fastlaunch.errors import UsageError
-from fastlaunch.sharding import ShardedDL, shard_indices, shard_sizes
+from fastlaunch.sharding import ShardedDL, batch_shards, shard_indices, shard_sizes
 
 
 def _ids(batches):
@@ -79,3 +79,18 @@ def test_custom_sampler_refused_with_hint():
     base = torch.utils.data.DataLoader(list(range(10)), batch_size=2, sampler=SubsetRandomSampler(range(5)))
     with pytest.raises(UsageError, match="custom sampler.*SubsetRandomSampler.*HINT"):
         ShardedDL(base, rank=0, world_size=2, seed=0)
+
+
+def test_evaluation_deals_one_process_batches_to_the_ranks():
+    # 203 items in batches of 64: 4 batches (the last of 11); 3 ranks: one gets a padding batch
+    shards = batch_shards(203, 3, 64, drop_last=False)
+    assert shards == [[(0, 64, True), (192, 11, True)], [(64, 64, True), (0, 64, False)],
+                      [(128, 64, True), (64, 64, False)]]
+    real = sorted((s, n) for mine in shards for s, n, ok in mine if ok)
+    assert real == [(0, 64), (64, 64), (128, 64), (192, 11)]
+    dls = [ShardedDL(DataLoader(list(range(203)), bs=64), rank=r, world_size=3, seed=1, evaluation=True)
+           for r in range(3)]
+    batches = [[b.tolist() for b in dl] for dl in dls]
+    assert batches[1][0] == list(range(64, 128))  # rank 1's first batch is one process's second
+    assert [dl.real_count() for dl in dls] == [75, 64, 64]
+    assert [len(dl) for dl in dls] == [2, 2, 2]

@@ -1,8 +1,9 @@
 """Whole-set validation: loss and every metric equal what one process computes on the same weights.
 
-Each rank keeps its validation predictions and targets (padding rows trimmed), they are gathered
-once per epoch, put back in the dataset's order, cut into the loader's batches, and replayed through
-the metrics on every rank: AvgMetric, AccumMetric and custom Metric subclasses alike.
+Each rank keeps its validation predictions and targets batch by batch (padding trimmed); they are
+gathered once per epoch, put back into one process's batches and order (the ranks evaluate one
+process's own batches, or for a language model their streams of them), and replayed through the
+metrics on every rank: AvgMetric, AccumMetric and custom Metric subclasses alike.
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ class WholeSetMetrics(LeanCallback):
         dl = self.learn.dl
         self._on = state is not None and isinstance(dl, ShardedDL)
         if self._on:
-            self._chunks, self._kept, self._limit, self._bs, self._n_pred = [], 0, dl.real_count(), dl.bs, 1
+            self._chunks, self._kept, self._limit, self._n_pred = [], 0, dl.real_count(), 1
+            self._batch_sharded = dl.batch_sharded
 
     def after_batch(self):
         if self.training or not getattr(self, "_on", False) or self._chunks is None:
@@ -56,15 +58,15 @@ class WholeSetMetrics(LeanCallback):
             self._chunks = None
             return
         self._n_pred = len(flat) - len(self.learn.yb)
-        self._chunks.append([t.detach()[:keep] for t in flat])
+        if keep > 0:  # a padding batch adds nothing
+            self._chunks.append([t.detach()[:keep] for t in flat])
         self._kept += keep
 
     def after_validate(self):
         if not getattr(self, "_on", False):
             return
         state = stop_state(self.learn)
-        local = None if self._chunks is None or not self._chunks else \
-            [torch.cat(parts).cpu() for parts in zip(*self._chunks)]
+        local = [[t.cpu() for t in batch] for batch in self._chunks] if self._chunks else None  # once per epoch
         gathered = all_gather_object((local, state.pending))
         flags = [sum(p[i] for _, p in gathered) for i in range(len(KINDS))]
         parts = [g for g, _ in gathered]
@@ -73,17 +75,24 @@ class WholeSetMetrics(LeanCallback):
         self._chunks = None
         state.agree(flags, allowed=(CancelFitException, CancelEpochException))
 
-    def _replay(self, parts: list[list[torch.Tensor]]) -> None:
+    def _batches(self, parts: list[list[list[torch.Tensor]]]):
+        """One process's validation batches, in its order, from every rank's batches (lists of columns)."""
+        if self._batch_sharded:  # rank r's k-th batch was one process's batch k * world + r
+            for k in range(max(len(p) for p in parts)):
+                yield from (p[k] for p in parts if k < len(p))
+        else:  # a language model's streams: the ranks' k-th batches make one process's k-th batch
+            for batches in zip(*parts):
+                yield [interleave(list(column), sum(len(t) for t in column)) for column in zip(*batches)]
+
+    def _replay(self, parts: list[list[list[torch.Tensor]]]) -> None:
         """Run the validation metrics over the whole set in one-process batch order."""
-        n = sum(len(p[0]) for p in parts)
-        columns = [to_device(interleave([p[i] for p in parts], n), self.dls.device) for i in range(len(parts[0]))]
         learn, mets = self.learn, self.learn.recorder._valid_mets
         for met in mets:
             met.reset()
         saved = learn.pred, learn.yb, learn.loss
         with torch.no_grad():
-            for start in range(0, n, self._bs):
-                batch = [c[start:start + self._bs] for c in columns]
+            for batch in self._batches(parts):
+                batch = [to_device(c, self.dls.device) for c in batch]
                 preds, yb = batch[: self._n_pred], tuple(batch[self._n_pred:])
                 learn.pred = preds[0] if self._n_pred == 1 else tuple(preds)
                 learn.yb = yb

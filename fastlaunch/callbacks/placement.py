@@ -6,7 +6,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..comm import current_env, ensure_process_group, is_rank_zero
 from ..device import rank_device
-from ..seeding import reseed_per_rank
+from ..seeding import reseed_per_rank, set_rng_states
 from ..sharding import ShardedDL
 from .agreement import StopState, flag_bucket_hook
 from .base import LeanCallback
@@ -82,6 +82,7 @@ class DistributedFit(LeanCallback):
     def __init__(self):
         self._wrapped = False
         self._old_loaders = None
+        self._shared_rng = None
 
     def before_fit(self):
         self._wrapped = in_real_fit(self.learn) and not isinstance(self.learn.model, DistributedDataParallel)
@@ -100,19 +101,23 @@ class DistributedFit(LeanCallback):
         fit_index = getattr(self.learn, "_fastlaunch_fit_index", 0)
         self.learn.dls.loaders = [dl if isinstance(dl, ShardedDL) else
                                   ShardedDL(dl, device=device, bs=_per_rank_bs(dl, denv),
-                                            seed=_loader_seed(denv, fit_index, i))
+                                            seed=_loader_seed(denv, fit_index, i), evaluation=i > 0)
                                   for i, dl in enumerate(self._old_loaders)]
         _say_global_batch(self.learn.dls.loaders[0], denv)
         self.learn.dls.to(device)
         pin_batches(self.learn.dls.loaders, device)
         # DDP broadcasts rank 0's parameters and buffers at construction: every rank starts identical.
-        self.learn.model = FastlaunchDDP(self.learn.model,
+        # static_graph: parameters the forward never uses (a head left over, a BatchNorm of zero columns in
+        # collab's EmbeddingNN) are found in the first step, instead of failing the second step with
+        # "Expected to have finished reduction"; no per-step search of the graph as find_unused_parameters.
+        self.learn.model = FastlaunchDDP(self.learn.model, static_graph=True,
                                          device_ids=[denv.local_rank] if denv.device_type == "cuda" else None)
         state = StopState(device)
         self.learn.model.register_comm_hook(state, flag_bucket_hook)  # stop flags ride on the gradients
         state.active = True
         self.learn._fastlaunch_stop = state
-        reseed_per_rank(denv.rank)  # augmentation differs per rank; the data order is agreed by ShardedDL
+        # augmentation differs per rank; the data order is agreed by ShardedDL
+        self._shared_rng = reseed_per_rank(denv.rank)
 
     def after_fit(self):
         if not self._wrapped:
@@ -120,3 +125,6 @@ class DistributedFit(LeanCallback):
         self.learn.model = self.learn.model.module
         self.learn.dls.loaders = self._old_loaders  # the stop state stays until AgreedStop's after_fit
         self._old_loaders, self._wrapped = None, False
+        if self._shared_rng is not None:  # the ranks draw alike again: splits, new models, shuffles
+            set_rng_states(self._shared_rng)
+            self._shared_rng = None

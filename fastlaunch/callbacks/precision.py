@@ -6,6 +6,8 @@ rank 0; a Learner never carries two MixedPrecision callbacks.
 from __future__ import annotations
 
 import torch
+from torch import nn
+from torch.utils._pytree import tree_map
 from fastai.callback.fp16 import AMPMode, MixedPrecision
 from fastcore.foundation import L
 
@@ -13,7 +15,7 @@ from ..comm import current_env, is_rank_zero
 from ..errors import UsageError
 from .base import LeanCallback
 
-__all__ = ["DevicePrecision", "LauncherPrecision", "use_script_precision", "bf16_check"]
+__all__ = ["DevicePrecision", "LauncherPrecision", "use_script_precision", "bf16_check", "rnns_outside_autocast"]
 
 
 def bf16_check(device_type: str, supported=None) -> None:
@@ -24,6 +26,38 @@ def bf16_check(device_type: str, supported=None) -> None:
     if not ok:
         raise UsageError("this GPU does not support bf16", torch.cuda.get_device_name(),
                          "use --precision fp16 (or to_fp16() in the script) on this GPU")
+
+
+def _as_fp32(x):
+    return x.float() if isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def rnns_outside_autocast(model, device_type: str) -> list:
+    """CPU autocast sends nn.LSTM/GRU/RNN to oneDNN's low-precision RNN primitive, which most CPUs lack
+    (fp16 almost everywhere, bf16 without AVX512-BF16): "could not create a primitive descriptor for the
+    LSTM forward propagation primitive". On CPU every RNN runs outside autocast, in fp32, as it does in
+    one process (fastai's own MixedPrecision autocasts nothing on CPU). Returns the hook handles."""
+    if device_type != "cpu":
+        return []
+    handles = []
+    for module in model.modules():
+        if not isinstance(module, nn.RNNBase):
+            continue
+        entered: list = []
+
+        def before(mod, args, kwargs, _entered=entered):
+            off = torch.autocast("cpu", enabled=False)
+            off.__enter__()
+            _entered.append(off)
+            return tree_map(_as_fp32, args), tree_map(_as_fp32, kwargs)
+
+        def after(mod, args, output, _entered=entered):
+            if _entered:
+                _entered.pop().__exit__(None, None, None)
+
+        handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(module.register_forward_hook(after, always_call=True))  # also when forward raises
+    return handles
 
 
 class DevicePrecision(MixedPrecision):
@@ -44,6 +78,13 @@ class DevicePrecision(MixedPrecision):
         self.autocast = torch.autocast(device_type, dtype=dtype)
         self.learn.scaler = torch.amp.GradScaler(device_type, **self.kwargs)
         self.scales = L()
+        self._rnn_hooks = rnns_outside_autocast(self.learn.model, device_type)
+
+    def after_fit(self):
+        for handle in getattr(self, "_rnn_hooks", ()):
+            handle.remove()
+        self._rnn_hooks = []
+        super().after_fit()
 
 
 def _precision_of(cb) -> str:

@@ -2,20 +2,21 @@
 
 Each patch fixes one named defect of fastai (2.8) under data parallelism, is installed once per worker,
 and has a test. core.py: the fit and distributed path; side_effects.py: what a fit does besides training;
-nosync.py: fastai's per-step host-device syncs.
+nosync.py: fastai's per-step host-device syncs; accumulate.py: gradient accumulation.
 """
 from __future__ import annotations
 
 from fastcore.basics import defaults
 
 from ..comm import current_env
+from .accumulate import ACCUMULATE_PATCHES
 from .core import CORE_PATCHES, fastlaunch_callbacks
 from .nosync import NOSYNC_PATCHES
 from .side_effects import SIDE_EFFECT_PATCHES
 
 __all__ = ["install", "PATCHES", "fastlaunch_callbacks"]
 
-PATCHES = CORE_PATCHES + SIDE_EFFECT_PATCHES + NOSYNC_PATCHES
+PATCHES = CORE_PATCHES + SIDE_EFFECT_PATCHES + NOSYNC_PATCHES + ACCUMULATE_PATCHES
 _installed = False
 
 

@@ -1,5 +1,6 @@
-"""Patches for what a fit does besides training: lr_find's checkpoint, CSV history, best-model reload,
-mixed precision on the rank's device, and downloads and tokenizer caches made once per node."""
+"""Patches for what a fit does besides training: lr_find's checkpoint, CSV history, the loss graph,
+best-model reload, mixed precision on the rank's device, and downloads and tokenizer caches made once
+per node."""
 from __future__ import annotations
 
 import copy
@@ -52,6 +53,24 @@ def patch_csv_logger_rank_zero() -> None:
                 return _original(self)
 
         setattr(CSVLogger, name, on_rank_zero)
+
+
+def patch_show_graph_rank_zero() -> None:
+    """ShowGraphCallback asserts the Learner has a progress bar, which only rank 0 keeps (as with fastai's
+    own to_distributed): the other ranks failed with 'IndexError: tuple index out of range' (fastai's
+    message rewrite of a bare assert). It draws on rank 0 and stands aside for the fit elsewhere."""
+    from fastai.callback.progress import ShowGraphCallback
+
+    original = ShowGraphCallback.before_fit
+
+    @functools.wraps(original)
+    def before_fit(self):
+        if not is_rank_zero():
+            self.run = False  # fastai's Callback.__call__ sets run back to True after the fit
+            return None
+        return original(self)
+
+    ShowGraphCallback.before_fit = before_fit
 
 
 def patch_save_model_reload_from_rank_zero() -> None:
@@ -133,6 +152,7 @@ def patch_tokenizer_cache_local_rank_zero_first() -> None:
         replace_everywhere(name, original, _first_on_node(original))
 
 
-SIDE_EFFECT_PATCHES = (patch_lr_find_in_memory, patch_csv_logger_rank_zero, patch_save_model_reload_from_rank_zero,
+SIDE_EFFECT_PATCHES = (patch_lr_find_in_memory, patch_csv_logger_rank_zero, patch_show_graph_rank_zero,
+                       patch_save_model_reload_from_rank_zero,
                        patch_precision_for_device, patch_downloads_local_rank_zero_first,
                        patch_tokenizer_cache_local_rank_zero_first)
