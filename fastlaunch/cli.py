@@ -33,6 +33,8 @@ launcher flags (before SCRIPT):
   --seed S              seed for python, numpy and torch on every rank (default: random, recorded)
   --keep-global-batch   divide the script's batch size by the ranks, so bs stays the global batch
                         (default: bs per rank, global batch = bs x ranks)
+  --sync-bn             BatchNorm statistics over every rank's share of the batch (SyncBatchNorm;
+                        GPUs only)
   --grace S             seconds the ranks get to stop on SIGTERM/SIGUSR1 before they are killed
                         (default 30)
   --hang-timeout S      a rank with no progress inside a fit for S seconds is named, its stack

@@ -49,6 +49,7 @@ class LaunchConfig:
     verbose: bool = False
     cpus_per_rank: int = 1
     keep_global_batch: bool = False
+    sync_bn: bool = False  # BatchNorm layers become SyncBatchNorm for each fit (GPUs)
     min_nodes: int = 1
     max_nodes: int = 1
     node_rank: int | None = None  # None: the rendezvous orders the nodes (c10d)
@@ -78,6 +79,7 @@ class LaunchConfig:
             f"{ENV_PREFIX}PRECISION": self.precision.value,
             f"{ENV_PREFIX}CPUS_PER_RANK": str(self.cpus_per_rank),
             f"{ENV_PREFIX}KEEP_GLOBAL_BATCH": "1" if self.keep_global_batch else "0",
+            f"{ENV_PREFIX}SYNC_BN": "1" if self.sync_bn else "0",
             f"{ENV_PREFIX}HANG_TIMEOUT": str(self.hang_timeout),
             f"{ENV_PREFIX}CHECKPOINT_EVERY": self.checkpoint_every,
             f"{ENV_PREFIX}KEEP_CHECKPOINTS": str(self.keep_checkpoints),

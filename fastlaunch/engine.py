@@ -14,7 +14,7 @@ from typing import Iterator, Mapping
 
 from . import heartbeat, rendezvous
 from .config import STOPPED_BY_SIGNAL, LaunchConfig
-from .failwatch import FailureWatch
+from .failwatch import FailureWatch, is_consequence_message
 from .hangwatch import HangWatch
 from .logs import ConsoleFollower, RankLogsSpecs, tail_lines
 
@@ -88,11 +88,6 @@ def _exit_status(exitcode: int) -> int:
     return 128 - exitcode if exitcode < 0 else (exitcode or 1)
 
 
-# Errors a rank sees because another rank died first: consequences, never the root cause.
-_CONSEQUENCE_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                        "communicator was aborted", "DistNetworkError", "Socket Timeout", "timed out")
-
-
 def _message(failure) -> str:
     """A failure's recorded message on one line."""
     message = failure.message
@@ -127,7 +122,7 @@ def _exit_code(failure) -> int:
 
 def is_consequence(failure) -> bool:
     """A rank that failed because another did: its peer vanished, or the engine stopped it (SIGTERM)."""
-    return failure.exitcode == -signal.SIGTERM or any(m in _message(failure) for m in _CONSEQUENCE_MARKERS)
+    return failure.exitcode == -signal.SIGTERM or is_consequence_message(_message(failure))
 
 
 def root_cause(failures: dict, stopped: set[int] = frozenset()) -> int:

@@ -42,6 +42,7 @@ class DistEnv:
     run_dir: Path | None = None
     restart_count: int = 0
     keep_global_batch: bool = False
+    sync_bn: bool = False
     hang_timeout: int = 0
     resume_from: Path | None = None
     checkpoint_every: str = "none"
@@ -74,6 +75,7 @@ class DistEnv:
             cpus_per_rank=_int(environ, f"{ENV_PREFIX}CPUS_PER_RANK", 0) or None,
             run_dir=Path(environ[f"{ENV_PREFIX}RUN_DIR"]) if environ.get(f"{ENV_PREFIX}RUN_DIR") else None,
             keep_global_batch=environ.get(f"{ENV_PREFIX}KEEP_GLOBAL_BATCH") == "1",
+            sync_bn=environ.get(f"{ENV_PREFIX}SYNC_BN") == "1",
             hang_timeout=_int(environ, f"{ENV_PREFIX}HANG_TIMEOUT", 0),
             resume_from=Path(environ[f"{ENV_PREFIX}RESUME"]) if environ.get(f"{ENV_PREFIX}RESUME") else None,
             checkpoint_every=environ.get(f"{ENV_PREFIX}CHECKPOINT_EVERY", "none") or "none",

@@ -11,12 +11,22 @@ import json
 import os
 import signal
 import threading
+
+import psutil
 from pathlib import Path
 from typing import Callable
 
 from .heartbeat import read_beats
 
-__all__ = ["FailureWatch", "read_record"]
+__all__ = ["FailureWatch", "read_record", "CONSEQUENCE_MARKERS", "is_consequence_message"]
+
+# Errors a rank sees because another rank died first: consequences, never the root cause.
+CONSEQUENCE_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                       "communicator was aborted", "DistNetworkError", "Socket Timeout", "timed out")
+
+
+def is_consequence_message(message: str) -> bool:
+    return any(marker in message for marker in CONSEQUENCE_MARKERS)
 
 
 def read_record(path: Path) -> dict | None:
@@ -30,13 +40,11 @@ def read_record(path: Path) -> dict | None:
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped by the engine, is not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 class FailureWatch:
@@ -70,6 +78,8 @@ class FailureWatch:
                 if record is None:
                     continue
                 self._acted.add(path)
+                if is_consequence_message(record.get("py_callstack", "")[-2000:]):
+                    continue  # it failed because a peer died: that death is the engine's to see
                 pid = int(record.get("fastlaunch_pid", 0))
                 if pid and _alive(pid):  # a rank that already exited is the engine's to see
                     self.stopped[rank] = self._kill_all(pid)
@@ -80,7 +90,7 @@ class FailureWatch:
             beats = read_beats(self._progress)
         except OSError:
             beats = []
-        killed = [b.rank for b in beats if b.pid and b.pid != failed_pid and _kill(b.pid)]
+        killed = [b.rank for b in beats if b.pid and b.pid != failed_pid and _alive(b.pid) and _kill(b.pid)]
         _kill(failed_pid)
         return killed
 

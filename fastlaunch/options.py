@@ -14,7 +14,7 @@ __all__ = ["DEFAULTS", "VALUE_FLAGS", "BOOL_FLAGS", "parse_tokens", "load_launch
 
 DEFAULTS: dict[str, Any] = {
     "gpus": "auto", "cpu": None, "precision": "no", "run_dir": None, "port": None, "max_restarts": 0,
-    "seed": None, "verbose": False, "keep_global_batch": False, "nnodes": "1", "node_rank": None,
+    "seed": None, "verbose": False, "keep_global_batch": False, "sync_bn": False, "nnodes": "1", "node_rank": None,
     "rdzv_endpoint": None, "rdzv_id": None, "grace": 30, "hang_timeout": 600,
     "checkpoint_every": "none", "keep_checkpoints": 2, "resume": None, "no_instrument": False, "config": None, "accelerate_config": None,
 }
@@ -97,7 +97,7 @@ def load_accelerate_config(path: str) -> dict[str, Any]:
 def options_of_run(saved: dict[str, Any]) -> dict[str, Any]:
     """The options that made a run, from its launch.yaml (for --resume)."""
     opts = {("cpu" if saved["device"] == "cpu" else "gpus"): saved["nproc_per_node"]}
-    for key in ("precision", "seed", "keep_global_batch", "grace", "hang_timeout", "checkpoint_every",
+    for key in ("precision", "seed", "keep_global_batch", "sync_bn", "grace", "hang_timeout", "checkpoint_every",
                 "keep_checkpoints", "max_restarts", "node_rank", "rdzv_endpoint", "rdzv_id"):
         if saved.get(key) is not None:
             opts[key] = saved[key]

@@ -184,12 +184,15 @@ def build_config(opts: dict, given: set[str], script: str, script_args: list[str
     if precision is Precision.BF16 and device == "cuda" and not bf16_probe():
         raise UsageError("--precision bf16 on GPUs without bf16 support", "--precision bf16",
                          "use --precision fp16 on these GPUs")
+    if opts["sync_bn"] and device != "cuda":
+        raise UsageError("--sync-bn needs GPUs: gloo cannot synchronise BatchNorm across CPU ranks",
+                         f"--sync-bn with {nproc} CPU rank(s)", "leave --sync-bn out on CPU, or use --gpus N")
     run_dir = Path(str(opts["run_dir"])).resolve() if opts["run_dir"] else None
     return LaunchConfig(
         script=path.resolve(), script_args=tuple(script_args), nproc_per_node=nproc, device=device,
         run_dir=run_dir, seed=seed, precision=precision, port=port, max_restarts=max_restarts,
         verbose=bool(opts["verbose"]), cpus_per_rank=max(1, cores // nproc),
-        keep_global_batch=bool(opts["keep_global_batch"]), notes=tuple(notes + rank_notes), grace=grace,
+        keep_global_batch=bool(opts["keep_global_batch"]), sync_bn=bool(opts["sync_bn"]), notes=tuple(notes + rank_notes), grace=grace,
         hang_timeout=hang_timeout, checkpoint_every=every,
         keep_checkpoints=count("--keep-checkpoints", opts["keep_checkpoints"], 1), resume_from=resume_from,
         instrument=not opts["no_instrument"], **nodes,

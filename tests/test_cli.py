@@ -94,6 +94,8 @@ def test_cpu_hides_gpus_even_when_present(script):
     (["--port", "70000", "{script}"], "--port is out of range", "70000"),
     (["--nodes", "2", "{script}"], "unknown launcher flag before the script", "--nodes"),
     (["--cpu", "2"], "no script given", "--cpu 2"),
+    (["--cpu", "2", "--sync-bn", "{script}"], "--sync-bn needs GPUs: gloo cannot synchronise BatchNorm across CPU ranks",
+     "--sync-bn with 2 CPU rank(s)"),
     (["{dir}"], "script is not a file", "{dir}"),
 ])
 def test_bad_input_is_one_line_with_hint_and_exit_2(argv, what, got, script, tmp_path, capsys, monkeypatch):

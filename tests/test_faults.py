@@ -175,3 +175,37 @@ def test_rank_zero_extracting_longer_than_the_hang_timeout_is_not_a_hang(tmp_pat
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "hung" not in proc.stderr
+
+
+@pytest.mark.parametrize("fault, linger, said", [
+    ("raise", "atexit", "rank 1 gives up"),
+    ("raise", "thread", "rank 1 gives up"),
+    ("loss", "atexit", "rank 1's loss function fails"),
+    ("worker", "atexit", "rank 1's DataLoader worker fails"),
+    ("transform", "atexit", "rank 1's batch transform fails"),
+    ("before_fit", "atexit", "rank 1 fails in before_fit"),
+    ("validation", "atexit", "rank 1 fails during validation"),
+    ("after_fit", "atexit", "rank 1 fails in after_fit"),
+    ("stop", "atexit", "rank 1 fails on the agreed stop"),
+])
+def test_a_failure_that_lingers_still_ends_the_job_at_once(tmp_path, fault, linger, said):
+    """The failing rank would live for an hour (an atexit handler, a non-daemon thread) while rank 0 waits
+    for it in a collective: the failure record alone ends the job. The communicate timeout is a hang
+    guard only; without the failure watch the job ends after the hour."""
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "fastlaunch", "--cpu", "2", str(FAULT)], cwd=tmp_path,
+                            env={**_env(out, fault), "FL_LINGER": linger}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    procs = _wait_ready(proc, out, ranks=0)
+    try:
+        _, stderr = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    first = [line for line in stderr.splitlines() if " failed (exit code" in line]
+    assert first and first[0].startswith("fastlaunch: rank 1 failed (exit code 1)") and said in first[0], stderr
+    assert "fastlaunch: rank 1's traceback:" in stderr and "fault_probe.py" in stderr
+    assert "rank 0 stopped as a consequence" in stderr or "rank 0 failed" not in stderr
+    assert proc.returncode == 1
+    assert not _survivors(procs, limit=10)

@@ -114,3 +114,17 @@ def test_fastlaunch_callbacks_skip_the_events_they_do_not_handle_and_run_the_res
     probe("after_batch")  # fastai's rules still apply to handled events: run=False skips them
     probe("after_fit")  # and the end of a fit sets run back, handled or not
     assert probe.seen == 1 and probe.run
+
+
+def test_sync_bn_swaps_batchnorm_for_the_fit_and_puts_it_back():
+    from torch import nn
+
+    from fastlaunch.callbacks.placement import restore_modules, to_sync_batchnorm
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
+    bn2d, bn1d = model[1], model[2][1]
+    swapped = to_sync_batchnorm(model)
+    assert [type(m).__name__ for m in (model[1], model[2][1])] == ["SyncBatchNorm", "SyncBatchNorm"]
+    assert model[1].weight is bn2d.weight and model[1].running_mean is bn2d.running_mean  # shared, not copied
+    restore_modules(swapped)
+    assert model[1] is bn2d and model[2][1] is bn1d

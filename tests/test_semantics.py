@@ -131,3 +131,27 @@ def test_keep_global_batch_divides_the_per_rank_batch(tmp_path):
     assert "fastlaunch: global batch 64 = 32 x 2 ranks (--keep-global-batch)" in proc.stdout
     assert len(r0["losses"]) == 2 * 16  # 1024 items / (32 x 2) per epoch, two epochs
     _assert_recorders_identical(r0, r1)
+
+
+def test_gradient_accumulation_keeps_one_process_meaning_and_reduces_once_per_step(tmp_path, scripts):
+    """n_acc=32 over a global batch of 16 (8 per rank): one optimizer step every 2 micro-steps, as in one
+    process; the micro-steps that do not step skip the all-reduce, but for the fit's first, where DDP
+    learns its static graph (16 micro-steps, 8 steps: 9 all-reduces, not 16)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = run_fastlaunch(["--cpu", "2", "--seed", "1", "--keep-global-batch", scripts / "accumulate_probe.py"],
+                          tmp_path, env={"FL_PROBE_OUT": str(out)}, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["allreduces"] == r1["allreduces"] == 9
+    single_out = tmp_path / "single"
+    single_out.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    single = subprocess.run([sys.executable, str(scripts / "accumulate_probe.py")], env={**env, "FL_PROBE_OUT": str(single_out)},
+                            capture_output=True, text=True, timeout=120)
+    assert single.returncode == 0, single.stderr
+    one = json.loads((single_out / "rank0.json").read_text())
+    for got in (r0, r1):
+        for a, b in zip(got["weights"], one["weights"]):
+            assert a == pytest.approx(b, abs=1e-5)
+    assert r0["losses"] == pytest.approx(one["losses"], abs=1e-5)

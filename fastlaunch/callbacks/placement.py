@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from fastai.callback.core import TrainEvalCallback
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..comm import current_env, ensure_process_group, is_rank_zero
@@ -11,7 +12,7 @@ from ..sharding import ShardedDL
 from .agreement import StopState, flag_bucket_hook
 from .base import LeanCallback
 
-__all__ = ["DistributedFit", "FastlaunchDDP", "in_real_fit", "pin_batches"]
+__all__ = ["DistributedFit", "FastlaunchDDP", "in_real_fit", "pin_batches", "to_sync_batchnorm", "restore_modules"]
 
 
 class FastlaunchDDP(DistributedDataParallel):
@@ -69,6 +70,24 @@ def pin_batches(loaders, device) -> list:
     return pinned
 
 
+def to_sync_batchnorm(model: nn.Module) -> list:
+    """--sync-bn: every BatchNorm becomes a SyncBatchNorm sharing its parameters and running statistics
+    (the optimizer and the statistics carry over). Returns what restore_modules puts back after the fit,
+    so the Learner, its exports and a later one-process use keep plain BatchNorm."""
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
+                setattr(parent, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+                swapped.append((parent, name, child))
+    return swapped
+
+
+def restore_modules(swapped: list) -> None:
+    for parent, name, child in swapped:
+        setattr(parent, name, child)
+
+
 def in_real_fit(learn) -> bool:
     """True inside Learner.fit (fit, fit_one_cycle, fine_tune, lr_find), False in validate/get_preds/predict."""
     return getattr(learn, "_fastlaunch_fit_depth", 0) > 0
@@ -83,6 +102,7 @@ class DistributedFit(LeanCallback):
         self._wrapped = False
         self._old_loaders = None
         self._shared_rng = None
+        self._swapped: list = []
 
     def before_fit(self):
         self._wrapped = in_real_fit(self.learn) and not isinstance(self.learn.model, DistributedDataParallel)
@@ -110,6 +130,8 @@ class DistributedFit(LeanCallback):
         # static_graph: parameters the forward never uses (a head left over, a BatchNorm of zero columns in
         # collab's EmbeddingNN) are found in the first step, instead of failing the second step with
         # "Expected to have finished reduction"; no per-step search of the graph as find_unused_parameters.
+        if denv.sync_bn:
+            self._swapped = to_sync_batchnorm(self.learn.model)
         self.learn.model = FastlaunchDDP(self.learn.model, static_graph=True,
                                          device_ids=[denv.local_rank] if denv.device_type == "cuda" else None)
         state = StopState(device)
@@ -123,6 +145,8 @@ class DistributedFit(LeanCallback):
         if not self._wrapped:
             return
         self.learn.model = self.learn.model.module
+        restore_modules(self._swapped)
+        self._swapped = []
         self.learn.dls.loaders = self._old_loaders  # the stop state stays until AgreedStop's after_fit
         self._old_loaders, self._wrapped = None, False
         if self._shared_rng is not None:  # the ranks draw alike again: splits, new models, shuffles

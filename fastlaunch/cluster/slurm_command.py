@@ -17,8 +17,9 @@ __all__ = ["slurm_main", "spec_from_options", "SLURM_HELP"]
 _DEFAULTS: dict[str, Any] = {"nodes": 1, "gpus": None, "cpu": None, "time": None, "partition": None,
                              "cpus_per_rank": 4, "grace": 90, "job_name": None, "config": None,
                              "precision": None, "seed": None, "max_restarts": None,
-                             "submit": False, "keep_global_batch": False}
-_PASSED_ON = ("precision", "seed", "max_restarts", "keep_global_batch")  # become launcher flags in the job
+                             "submit": False, "keep_global_batch": False, "sync_bn": False}
+# become launcher flags in the job
+_PASSED_ON = ("precision", "seed", "max_restarts", "keep_global_batch", "sync_bn")
 _VALUE = tuple(f"--{k.replace('_', '-')}" for k, v in _DEFAULTS.items() if not isinstance(v, bool))
 _BOOL = tuple(f"--{k.replace('_', '-')}" for k, v in _DEFAULTS.items() if isinstance(v, bool))
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
@@ -36,7 +37,7 @@ Prints a ready-to-submit sbatch script that runs `fastlaunch` once per node unde
   --grace S            seconds of warning before the time limit (USR1, default 90)
   --job-name NAME      default: the script's stem
   --config FILE        a YAML launch config (these keys and the launcher's)
-  --precision, --seed, --max-restarts, --keep-global-batch: passed on to fastlaunch in the job
+  --precision, --seed, --max-restarts, --keep-global-batch, --sync-bn: passed on to fastlaunch in the job
   --submit             submit it with sbatch and print the job id instead
 
 example:

@@ -18,7 +18,8 @@ def patch_gradient_accumulation_counts_global_samples() -> None:
     N x n_acc samples, so the weights drifted from one process with the same global batch; and every
     micro-step paid a full gradient all-reduce. Here each micro-step counts (and scales its loss by)
     the samples of every rank, and a micro-step that will not step runs without DDP's reduction
-    (DDP's no_sync): the gradients accumulated on each rank are reduced once, with the step."""
+    (DDP's no_sync): the gradients accumulated on each rank are reduced once, with the step (and in the
+    fit's first micro-step, where DDP learns its static graph)."""
     from fastai.callback.training import GradientAccumulation
     from fastai.torch_core import find_bs
 
@@ -28,7 +29,11 @@ def patch_gradient_accumulation_counts_global_samples() -> None:
     def before_batch(self):
         model = self.learn.model
         if isinstance(model, DistributedDataParallel) and self.training:
-            model.require_backward_grad_sync = self.count + _global_bs(self) >= self.n_acc
+            # DDP's static graph learns the graph in its first backward, which must reduce (sums of
+            # reduced and local gradients reduce to the same average)
+            first = not getattr(model, "graph_seen", False)
+            model.graph_seen = True
+            model.require_backward_grad_sync = first or self.count + _global_bs(self) >= self.n_acc
 
     def after_loss(self):
         self.learn.loss_grad /= self.n_acc / _global_bs(self)

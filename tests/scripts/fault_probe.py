@@ -3,15 +3,23 @@ raise, kill (SIGKILL itself), segv (a real segmentation fault), sleep (a long sl
 waits in the gradient all-reduce), spin (a busy loop outside collectives); late: rank 1 sleeps before
 building anything, so it never reaches the process group; extract: rank 0 spends long in an untar_data
 while the others wait; or slow: a long run of slow batches for signal tests. Each rank touches
-$FL_PROBE_OUT/ready-rank<R> once its DataLoader worker is running."""
+$FL_PROBE_OUT/ready-rank<R> once its DataLoader worker is running.
+
+Failure points, each on rank 1 alone (the other rank goes on into its next collective): loss (the loss
+function), worker (a DataLoader worker), transform (a batch transform), before_fit, validation (a callback
+during validation), after_fit, stop (a callback failing on the agreed-stop path after a CancelFitException).
+$FL_LINGER makes the failing process linger after its failure: atexit (a handler that waits, as upload
+handlers do) or thread (a non-daemon thread that sleeps)."""
+import atexit
 import ctypes
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
 import torch
-from fastai.basics import Callback, DataLoaders, Learner
+from fastai.basics import Callback, CancelFitException, DataLoaders, Learner
 from fastai.data.load import DataLoader
 from torch import nn
 
@@ -20,7 +28,34 @@ OUT = Path(os.environ["FL_PROBE_OUT"])
 RANK = int(os.environ.get("RANK", 0))
 
 
+LINGER = os.environ.get("FL_LINGER", "")
+if RANK == 1 and LINGER == "atexit":
+    atexit.register(time.sleep, 3600)
+if RANK == 1 and LINGER == "thread":
+    threading.Thread(target=time.sleep, args=(3600,), name="uploader").start()  # non-daemon: blocks the exit
+
+
+def failing_here(what: str) -> bool:
+    return FAULT == what and RANK == 1
+
+
 class Fault(Callback):
+    def before_fit(self):
+        if failing_here("before_fit"):
+            raise RuntimeError("rank 1 fails in before_fit")
+
+    def after_pred(self):
+        if not self.training and failing_here("validation"):
+            raise RuntimeError("rank 1 fails during validation")
+
+    def after_fit(self):
+        if failing_here("after_fit"):
+            raise RuntimeError("rank 1 fails in after_fit")
+
+    def after_cancel_fit(self):
+        if failing_here("stop"):
+            raise RuntimeError("rank 1 fails on the agreed stop")
+
     def after_batch(self):
         if not self.training:
             return
@@ -39,6 +74,8 @@ class Fault(Callback):
             if FAULT == "spin":
                 while True:
                     pass
+            if FAULT == "stop":
+                raise CancelFitException()
 
 
 if FAULT == "late" and RANK == 1:
@@ -57,8 +94,33 @@ if FAULT == "extract":  # every rank calls untar_data; rank 0 extracts slowly fi
     untar_data("file://" + os.environ["FL_ARCHIVE"], base=str(OUT / "home"))
 
 
-data = [(torch.randn(4), torch.tensor(i % 2)) for i in range(512)]
-train = DataLoader(data, bs=16, shuffle=True, drop_last=True, num_workers=1)
+class Items(list):
+    def __getitem__(self, i):
+        if failing_here("worker") and isinstance(i, int) and i % 2:  # in the DataLoader worker process
+            raise RuntimeError("rank 1's DataLoader worker fails")
+        return super().__getitem__(i)
+
+
+def transform(batch):
+    transform.calls += 1
+    if failing_here("transform") and transform.calls == 3:
+        raise RuntimeError("rank 1's batch transform fails")
+    return batch
+
+
+transform.calls = 0
+
+
+def loss_func(pred, targ):
+    loss_func.calls += 1
+    if failing_here("loss") and loss_func.calls == 3:
+        raise RuntimeError("rank 1's loss function fails")
+    return nn.functional.cross_entropy(pred, targ)
+
+
+loss_func.calls = 0
+data = Items((torch.randn(4), torch.tensor(i % 2)) for i in range(512))
+train = DataLoader(data, bs=16, shuffle=True, drop_last=True, num_workers=1, after_batch=transform)
 valid = DataLoader(data[:64], bs=16)
-learn = Learner(DataLoaders(train, valid), nn.Linear(4, 2), loss_func=nn.CrossEntropyLoss(), cbs=Fault())
+learn = Learner(DataLoaders(train, valid), nn.Linear(4, 2), loss_func=loss_func, cbs=Fault())
 learn.fit(100 if FAULT == "slow" else 2)
