@@ -35,6 +35,10 @@ GROUPS = {
     "upstream": ["wandb_offline"],  # fastai's own defects: they must fail under 2 ranks as in one process, at once
 }
 GROUP_OF = {name: group for group, names in GROUPS.items() for name in names}
+SCRIPT_CASES = {  # whole scripts in tests/conformance/scripts: the launcher's expected exit status, what they show
+    "plain_torch_loop": (0, "a plain PyTorch loop without fastai"),
+    "sys_exit": (3, "`sys.exit(N)` in the script (the launcher exits N)"),
+}
 NO_ONE_PROCESS_CHECK = {"three_learners_resplit"}  # an unseeded split: checked across ranks only
 # fastai alone autocasts nothing on a CPU: these are checked against one process with the same autocast,
 # i.e. one rank of fastlaunch (`--cpu 1`).
@@ -116,14 +120,27 @@ def problems(run: GroupRun, name: str) -> list[str]:
     return found
 
 
+def script_problems(root: Path, name: str) -> list[str]:
+    """Run one whole script under 2 ranks: its exit status, its once-only line, no process left."""
+    status, _ = SCRIPT_CASES[name]
+    script = CONF / "scripts" / f"{name}.py"
+    cwd = root / name
+    cwd.mkdir()
+    proc = run_fastlaunch(["--cpu", "2", script], cwd, timeout=300)
+    found = [] if proc.returncode == status else [f"exit status {proc.returncode}, not {status}: {proc.stderr[-2000:]}"]
+    if proc.stdout.count(f"CONFORMANCE {name}: done") != 1:
+        found.append(f"its once-only line reached the console {proc.stdout.count(f'CONFORMANCE {name}: done')} times")
+    return found + ([f"processes left running: {left}"] if (left := _leftovers(str(script))) else [])
+
+
 @pytest.fixture(scope="module")
 def group_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("conformance")
-    cache: dict[str, GroupRun] = {}
+    cache: dict[str, object] = {}
 
     def get(group: str) -> GroupRun:
         if group not in cache:
-            cache[group] = GroupRun(root, group)
+            cache[group] = script_problems(root, group) if group in SCRIPT_CASES else GroupRun(root, group)
         return cache[group]
     return get
 
@@ -134,6 +151,12 @@ def test_case_gives_one_process_answers_on_two_ranks(group_runs, name):
     assert not found, "\n".join(found)
 
 
+@pytest.mark.parametrize("name", list(SCRIPT_CASES))
+def test_whole_script_runs_as_in_one_process(group_runs, name):
+    found = group_runs(name)
+    assert not found, "\n".join(found)
+
+
 def test_readme_table_is_the_suites_outcome(group_runs):
     outcomes = []
     for name in GROUP_OF:
@@ -141,6 +164,7 @@ def test_readme_table_is_the_suites_outcome(group_runs):
         meta = run.read(name, "meta")
         note = f"fails in one process too (fastai's own defect: {meta['upstream']})" if meta["upstream"] else meta["note"]
         outcomes.append((name, meta["covers"], note, problems(run, name)))
+    outcomes += [(name, [covers], "", group_runs(name)) for name, (_, covers) in SCRIPT_CASES.items()]
     table = render(outcomes)
     readme = REPO / "README.md"
     if os.environ.get("FL_WRITE_README"):
