@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -138,10 +139,13 @@ def _resume_checkpoint(run_dir: object) -> Path | None:
     """The newest checkpoint of the run to resume, or a HINT error when it has none."""
     if not run_dir:
         return None
-    from .checkpoint import latest
+    from .checkpoint import checkpoint_dir, latest
 
-    found = latest(Path(str(run_dir)))
+    found = latest(Path(str(run_dir)), say=lambda line: print(line, file=sys.stderr))
     if found is None:
+        if list(checkpoint_dir(Path(str(run_dir))).glob("*.pt")):
+            raise UsageError("the run to resume has no good checkpoint", f"{run_dir}/checkpoints",
+                             "the lines above say why each was skipped; start the script again without --resume")
         raise UsageError("the run to resume has no checkpoint", f"{run_dir}/checkpoints",
                          "runs checkpoint with --checkpoint-every epoch, or when stopped by SIGTERM/SIGUSR1")
     return found.resolve()

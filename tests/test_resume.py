@@ -113,7 +113,7 @@ def test_a_write_cut_short_leaves_no_checkpoint(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         checkpoint.write_atomic({"model": torch.zeros(10), "boom": Exploding()}, tmp_path / "checkpoints" / "a.pt")
     assert list((tmp_path / "checkpoints").iterdir()) == []
-    checkpoint.write_atomic({"fit_index": 0, "epoch": 1, "iter": 0, "time": 1.0}, tmp_path / "checkpoints" / "b.pt")
+    checkpoint.save({"fit_index": 0, "epoch": 1, "iter": 0, "n_epoch": 2, "time": 1.0}, tmp_path, "b")
     (tmp_path / "checkpoints" / ".c.pt.123.tmp").write_bytes(b"half")
     assert checkpoint.latest(tmp_path) == tmp_path / "checkpoints" / "b.pt"
 

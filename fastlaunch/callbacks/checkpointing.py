@@ -8,10 +8,8 @@ random state, so the planned epochs end as planned.
 from __future__ import annotations
 
 import itertools
-import random
 from functools import partial
 
-import numpy as np
 import torch
 
 from .. import checkpoint
@@ -34,7 +32,7 @@ def _resume_plan() -> dict | None:
         denv = current_env()
         path = denv.resume_from
         if path is None and denv.restart_count > 0 and denv.run_dir is not None:
-            path = checkpoint.latest(denv.run_dir)
+            path = checkpoint.latest(denv.run_dir, say=print if is_rank_zero() else None)
         if path is not None:
             _plan = checkpoint.load(path)
             if is_rank_zero():
@@ -69,10 +67,7 @@ class ResumeFit(LeanCallback):
         plan, model = self.plan, getattr(self.learn.model, "module", self.learn.model)
         model.load_state_dict(plan["model"])
         self.learn.opt.load_state_dict(plan["opt"])
-        rng = plan["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
+        checkpoint.set_rng(plan["rng"])
         self.learn._fastlaunch_start_epoch = plan["epoch"]
 
     def before_epoch(self):
@@ -113,7 +108,8 @@ def preempt_writer(learn, position: str) -> None:
     epoch, done = (learn.epoch, learn.iter) if position == "batch" else (learn.epoch + 1, 0)
     path = checkpoint.save(checkpoint.snapshot(learn, learn._fastlaunch_fit_index, epoch, done),
                            current_env().run_dir, "preempt")
-    print(f"fastlaunch: stopped by a signal; checkpoint {path}", flush=True)
+    if path is not None:  # else save said why; the job still stops with the "stopped by a signal" status
+        print(f"fastlaunch: stopped by a signal; checkpoint {path}", flush=True)
 
 
 class EpochCheckpoints(LeanCallback):

@@ -90,8 +90,8 @@ def patch_save_model_reload_from_rank_zero() -> None:
         model = _unwrap(self.learn.model)
         if is_rank_zero():
             file = join_path_file(self.fname, self.learn.path / self.learn.model_dir, ext=".pth")
-            load_model(file, model, self.learn.opt, with_opt=self.with_opt, device=next(model.parameters()).device,
-                       weights_only=False)
+            # fastai's own load: weights_only=True, with fastai's containers allowed
+            load_model(file, model, self.learn.opt, with_opt=self.with_opt, device=next(model.parameters()).device)
         for tensor in [*model.parameters(), *model.buffers()]:
             dist.broadcast(tensor.data, src=0)
 
