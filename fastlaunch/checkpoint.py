@@ -102,13 +102,13 @@ def set_rng(saved: dict) -> None:
     torch.set_rng_state(saved["torch"])
 
 
-def snapshot(learn, fit_index: int, epoch: int, batches_done: int) -> dict:
+def snapshot(learn, fit_index: int, epoch: int, batches_done: int, seed: int | None = None) -> dict:
     """Everything needed to continue this fit at (epoch, batches_done), as plain data."""
     model = getattr(learn.model, "module", learn.model)
     rec = learn.recorder
     return {
         "version": FORMAT, "time": time.time(), "fit_index": fit_index, "epoch": epoch, "iter": batches_done,
-        "n_epoch": learn.n_epoch,
+        "n_epoch": learn.n_epoch, "seed": seed,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "opt": plain(learn.opt.state_dict()),
         "recorder": {"values": [list(map(float, row)) for row in rec.values],
@@ -117,6 +117,11 @@ def snapshot(learn, fit_index: int, epoch: int, batches_done: int) -> dict:
                      "smooth_val": float(rec.smooth_loss.val)},
         "rng": _rng(),
     }
+
+
+def _fastai_version() -> str | None:
+    fastai = sys.modules.get("fastai")
+    return getattr(fastai, "__version__", None)
 
 
 def _manifest_path(path: Path) -> Path:
@@ -135,7 +140,7 @@ def save(state: dict, run_dir: Path, name: str) -> Path | None:
         manifest = {"format": FORMAT, "run": Path(run_dir).resolve().name, "file": path.name,
                     "sha256": _sha256(tmps[0]), "size": tmps[0].stat().st_size,
                     **{k: state[k] for k in ("fit_index", "epoch", "iter", "n_epoch", "time")},
-                    "torch": torch.__version__}
+                    "seed": state.get("seed"), "torch": torch.__version__, "fastai": _fastai_version()}
         tmps.append(_write_tmp(manifest, _manifest_path(path), dump=_json_dump))
         os.replace(tmps[0], path)
         os.replace(tmps[1], _manifest_path(path))

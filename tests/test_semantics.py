@@ -147,7 +147,8 @@ def test_gradient_accumulation_keeps_one_process_meaning_and_reduces_once_per_st
     single_out = tmp_path / "single"
     single_out.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    single = subprocess.run([sys.executable, str(scripts / "accumulate_probe.py")], env={**env, "FL_PROBE_OUT": str(single_out)},
+    single = subprocess.run([sys.executable, str(scripts / "accumulate_probe.py")],
+                            env={**env, "FL_PROBE_OUT": str(single_out)},
                             capture_output=True, text=True, timeout=120)
     assert single.returncode == 0, single.stderr
     one = json.loads((single_out / "rank0.json").read_text())

@@ -106,8 +106,9 @@ def preempt_writer(learn, position: str) -> None:
     if not is_rank_zero():
         return
     epoch, done = (learn.epoch, learn.iter) if position == "batch" else (learn.epoch + 1, 0)
-    path = checkpoint.save(checkpoint.snapshot(learn, learn._fastlaunch_fit_index, epoch, done),
-                           current_env().run_dir, "preempt")
+    denv = current_env()
+    path = checkpoint.save(checkpoint.snapshot(learn, learn._fastlaunch_fit_index, epoch, done, denv.seed),
+                           denv.run_dir, "preempt")
     if path is not None:  # else save said why; the job still stops with the "stopped by a signal" status
         print(f"fastlaunch: stopped by a signal; checkpoint {path}", flush=True)
 
@@ -128,6 +129,6 @@ class EpochCheckpoints(LeanCallback):
             return
         if not hasattr(self.learn, "_fastlaunch_fit_index"):
             return
-        state = checkpoint.snapshot(self.learn, self.learn._fastlaunch_fit_index, self.epoch + 1, 0)
+        state = checkpoint.snapshot(self.learn, self.learn._fastlaunch_fit_index, self.epoch + 1, 0, denv.seed)
         checkpoint.save(state, denv.run_dir, f"epoch{self.learn._fastlaunch_fit_index}-{self.epoch}")
         checkpoint.keep_last(denv.run_dir, denv.keep_checkpoints)

@@ -24,7 +24,8 @@ def tabular_dls(bs: int = 32, **kwargs):
 
     df = tabular_df()
     return TabularDataLoaders.from_df(df, y_names="target", cat_names=["colour", "size"], cont_names=["x1", "x2"],
-                                      y_block=CategoryBlock(), procs=[Categorify, TabNormalize], valid_idx=list(range(len(df) - N_VALID, len(df))),
+                                      y_block=CategoryBlock(), procs=[Categorify, TabNormalize],
+                                      valid_idx=list(range(len(df) - N_VALID, len(df))),
                                       bs=bs, **kwargs)
 
 
