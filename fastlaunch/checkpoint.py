@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 __all__ = ["write_atomic", "snapshot", "save", "latest", "load", "checkpoint_dir", "keep_last", "plain",
-           "set_rng", "BadCheckpoint"]
+           "set_rng", "BadCheckpoint", "remove_stale_temporaries"]
 
 FORMAT = 2
 
@@ -128,12 +128,34 @@ def _manifest_path(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
+def remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files of writers that died (a kill during a write) are removed."""
+    for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
+        try:
+            pid = int(tmp.name.rsplit(".", 2)[-2])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            tmp.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def save(state: dict, run_dir: Path, name: str) -> Path | None:
     """Write checkpoints/<name>.pt and its manifest; on a write error (disk full, read-only), say so in one
     line, keep the previous checkpoint as it was, and return None. Both files are complete under their
     temporary names before either is renamed, the manifest last: a kill in between leaves a file whose
     hash its manifest does not match, which is skipped."""
     path = checkpoint_dir(run_dir) / f"{name}.pt"
+    remove_stale_temporaries(path.parent)
     tmps: list[Path] = []
     try:
         tmps.append(_write_tmp(state, path))
@@ -177,6 +199,7 @@ def verify(path: Path, run_dir: Path) -> dict:
 def latest(run_dir: Path, say: Callable[[str], None] | None = None) -> Path | None:
     """The good checkpoint furthest into the run; each newer one that fails verify() is said in one line."""
     folder = checkpoint_dir(run_dir)
+    remove_stale_temporaries(folder)
     candidates = []
     for path in (folder.glob("*.pt") if folder.is_dir() else []):
         if path.name.startswith("."):  # a temporary file of a write that never finished

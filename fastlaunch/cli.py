@@ -124,8 +124,13 @@ def _previous_run(run_dir: str) -> tuple[dict, str, list[str]]:
     if not path.is_file():
         raise UsageError("--resume needs a run directory of fastlaunch", run_dir,
                          "pass a folder under runs/ that holds launch.yaml and checkpoints/")
-    saved = yaml.safe_load(path.read_text())
-    return options_of_run(saved), saved["script"], list(saved["script_args"])
+    try:
+        saved = yaml.safe_load(path.read_text())
+        return options_of_run(saved), saved["script"], list(saved["script_args"])
+    except (yaml.YAMLError, KeyError, TypeError, AttributeError, ValueError) as err:
+        why = f"missing {err}" if isinstance(err, KeyError) else type(err).__name__
+        raise UsageError("the run's launch.yaml is broken", f"{path}: {why}",
+                         "restore it from a copy, or start the script again without --resume") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,12 +9,18 @@ from typing import Mapping
 
 from .errors import UsageError
 
-__all__ = ["Precision", "LaunchConfig", "ENV_PREFIX", "STOPPED_BY_SIGNAL"]
+__all__ = ["Precision", "LaunchConfig", "ENV_PREFIX", "STOPPED_BY_SIGNAL", "stop_marker"]
 
 ENV_PREFIX = "FASTLAUNCH_"
 # The exit status of ranks and launcher stopped (and checkpointed) by SIGTERM/SIGUSR1. EX_TEMPFAIL: the
 # Slurm job script requeues itself on it.
 STOPPED_BY_SIGNAL = 75
+
+
+def stop_marker(log_dir: Path, rank: int) -> Path:
+    """Written by a rank that stopped at the agreed point on a signal: whether a checkpoint was written
+    (the launcher exits STOPPED_BY_SIGNAL only when it was)."""
+    return Path(log_dir) / f"stopped-rank{rank}.json"
 
 
 class Precision(str, enum.Enum):

@@ -14,13 +14,14 @@ from typing import Iterator, Mapping
 
 from . import heartbeat, rendezvous
 from .config import STOPPED_BY_SIGNAL, LaunchConfig
-from .failwatch import FailureWatch, is_consequence_message
+from .failwatch import FailureWatch
 from .hangwatch import HangWatch
-from .logs import ConsoleFollower, RankLogsSpecs, tail_lines
+from .logs import ConsoleFollower, RankLogsSpecs
+from .outcome import (consequences_of, root_cause, say_restart, signal_status, summarize_failure,
+                      summarize_hang)
 
-__all__ = ["launch", "elastic_config", "worker_args", "root_cause"]
+__all__ = ["launch", "elastic_config", "worker_args"]
 
-_TAIL_LINES = 40
 # SIGUSR1 is what Slurm sends before the time limit; the engine's default list omits it, and its
 # default action would kill the launcher alone.
 _HANDLED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
@@ -81,102 +82,6 @@ def _quiet_engine(verbose: bool) -> None:
         logging.getLogger(name).setLevel(level)
     if verbose:
         logging.basicConfig(level=logging.INFO, format="fastlaunch(engine): %(message)s")
-
-
-def _exit_status(exitcode: int) -> int:
-    """A worker's exit code as a shell status: signals become 128 + signal number."""
-    return 128 - exitcode if exitcode < 0 else (exitcode or 1)
-
-
-def _message(failure) -> str:
-    """A failure's recorded message on one line."""
-    message = failure.message
-    if isinstance(message, dict):
-        message = message.get("message", "")
-    return " ".join(str(message).split())
-
-
-def _callstack(failure) -> str:
-    """The Python traceback a rank recorded in its error file, if any."""
-    message = failure.error_file_data.get("message") if isinstance(failure.error_file_data, dict) else None
-    if isinstance(message, dict):
-        return str(message.get("extraInfo", {}).get("py_callstack", ""))
-    return ""
-
-
-def _extra(failure) -> dict:
-    """What fastlaunch's worker added to the rank's failure record (empty without one)."""
-    message = failure.error_file_data.get("message") if isinstance(failure.error_file_data, dict) else None
-    return message.get("extraInfo", {}) if isinstance(message, dict) else {}
-
-
-def _precise_time(failure) -> float:
-    """The failure's time: fastlaunch's sub-second record when the rank wrote one."""
-    return float(_extra(failure).get("fastlaunch_time", failure.timestamp))
-
-
-def _exit_code(failure) -> int:
-    """The exit code the rank recorded with its failure (the failure watch may have killed it since)."""
-    return int(_extra(failure).get("fastlaunch_exit", failure.exitcode))
-
-
-def is_consequence(failure) -> bool:
-    """A rank that failed because another did: its peer vanished, or the engine stopped it (SIGTERM)."""
-    return failure.exitcode == -signal.SIGTERM or is_consequence_message(_message(failure))
-
-
-def root_cause(failures: dict, stopped: set[int] = frozenset()) -> int:
-    """The global rank that failed first for its own reasons; `stopped`: ranks the failure watch killed
-    because another had recorded a failure (never the cause)."""
-    failures = {r: f for r, f in failures.items() if r not in stopped} or failures
-
-    def key(item):
-        rank, failure = item
-        return (is_consequence(failure), failure.error_file_data == {}, _precise_time(failure), rank)
-    return min(failures.items(), key=key)[0]
-
-
-def _summarize_failure(err, logs_specs: RankLogsSpecs, console_rank: int, stopped: set[int]) -> int:
-    """Name the failing rank, its error and log, and show the tail of its log; return the exit status.
-    `stopped`: ranks the failure watch killed because another rank had recorded a failure."""
-    failures = err.failures  # global rank -> ProcessFailure
-    rank = root_cause(failures, stopped)
-    failure = failures[rank]
-    log = logs_specs.log_path(rank)
-    out = sys.stderr
-    print(f"fastlaunch: rank {rank} failed (exit code {_exit_code(failure)}): {_message(failure)}", file=out)
-    if rank != console_rank:  # rank 0's own output already reached the console
-        stack = _callstack(failure)
-        if stack:
-            print(f"fastlaunch: rank {rank}'s traceback:", file=out)
-            lines = stack.rstrip().splitlines()
-        else:
-            print(f"fastlaunch: last lines of {log}:", file=out)
-            lines = tail_lines(log, _TAIL_LINES) if log is not None else []
-        for line in lines:
-            print(f"  {line}", file=out)
-    for other in sorted(r for r in failures if r != rank):
-        why = "stopped as a consequence" if other in stopped or is_consequence(failures[other]) else "also failed"
-        print(f"fastlaunch: rank {other} {why} (exit code {failures[other].exitcode}): "
-              f"{_message(failures[other])[:160]}", file=out)
-    print(f"fastlaunch: logs: {logs_specs.log_dir}", file=out)
-    return _exit_status(_exit_code(failure))
-
-
-def _summarize_hang(verdict, logs_specs: RankLogsSpecs) -> int:
-    """Name the hung rank, what it was doing, and the stack it dumped into its log."""
-    beat, why = verdict
-    out = sys.stderr
-    print(f"fastlaunch: {beat.who} hung: {why}", file=out)
-    log = logs_specs.log_path(beat.rank) if beat.started else None
-    if log is not None:
-        lines = tail_lines(log, _TAIL_LINES)
-        start = max((i for i, line in enumerate(lines) if "most recent call first" in line), default=0)
-        print(f"fastlaunch: its stack (from {log}):", file=out)
-        for line in lines[max(0, start - 1):]:
-            print(f"  {line}", file=out)
-    print(f"fastlaunch: the job was stopped; logs: {logs_specs.log_dir}", file=out)
-    return 1
 
 
 def _report(config: LaunchConfig, failed: list[int]) -> None:
@@ -247,15 +152,14 @@ def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
     progress = heartbeat.progress_file(config.run_dir)
     heartbeat.create(progress, config.nproc_per_node)
     watch = HangWatch(progress, config.hang_timeout)
-    failwatch = FailureWatch(logs_specs.error_files, progress)
+    failwatch = FailureWatch(logs_specs.error_files, progress, on_failure=say_restart(config.max_restarts))
     try:
         with _environ(config.to_env()), follower, watch, failwatch:
             elastic_launch(elastic_config(config, logs_specs, port), sys.executable)(*worker_args(config))
     except ChildFailedError as err:
-        # killed by the watch without a failure record of their own: consequences of the recorded one
-        stopped = {r for r in failwatch.consequences() if r in err.failures and not _extra(err.failures[r])}
-        status = _summarize_hang(watch.verdict, logs_specs) if watch.verdict else \
-            _summarize_failure(err, logs_specs, console_rank=0, stopped=stopped)
+        stopped = consequences_of(err, failwatch.consequences())
+        status = summarize_hang(watch.verdict, logs_specs, watch.stack_taken) if watch.verdict else \
+            summarize_failure(err, logs_specs, console_rank=0, stopped=stopped)
         failed = [watch.verdict[0].rank] if watch.verdict else \
             [root_cause(err.failures, stopped)]
     except KeyboardInterrupt:
@@ -264,9 +168,18 @@ def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
     except SignalException as sig:
         name = signal.Signals(sig.sigval).name
         print(f"fastlaunch: {name} received; ranks stopped", file=sys.stderr)
-        status = STOPPED_BY_SIGNAL if sig.sigval in (signal.SIGTERM, signal.SIGUSR1) else 128 + int(sig.sigval)
+        status = signal_status(sig.sigval, logs_specs.log_dir, sorted(logs_specs.error_files()))
+    # The ranks are gone: a late stop (srun ending the step on another node's exit) must not turn this
+    # node's status into 143 while the report is written.
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    if status == STOPPED_BY_SIGNAL and os.environ.get("FASTLAUNCH_STOP_MARKER"):
+        # for a Slurm job script: srun may kill this task before its exit status is seen (several nodes)
+        Path(os.environ["FASTLAUNCH_STOP_MARKER"]).touch()
     if config.instrument:
         _report(config, failed)
+    for sig, handler in saved.items():
+        if handler is not None:
+            signal.signal(sig, handler)
     if status == 0:
         print(f"fastlaunch: done in {time.monotonic() - started:.1f}s; run dir {config.run_dir}", file=sys.stderr)
     return status

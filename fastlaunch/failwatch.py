@@ -30,13 +30,16 @@ def is_consequence_message(message: str) -> bool:
 
 
 def read_record(path: Path) -> dict | None:
-    """A rank's failure record (the engine's error-file shape), or None while it is absent or partial."""
+    """A rank's failure record (the engine's error-file shape: its extraInfo, with the one-line message
+    added), or None while it is absent or partial."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
     message = data.get("message") if isinstance(data, dict) else None
-    return message.get("extraInfo") if isinstance(message, dict) else None
+    if not isinstance(message, dict) or not isinstance(message.get("extraInfo"), dict):
+        return None
+    return {**message["extraInfo"], "message": " ".join(str(message.get("message", "")).split())}
 
 
 def _alive(pid: int) -> bool:
@@ -50,12 +53,14 @@ def _alive(pid: int) -> bool:
 class FailureWatch:
     """A thread that stops the node's ranks as soon as one of them records a failure."""
 
-    def __init__(self, error_files: Callable[[], dict[int, Path]], progress: Path, interval: float = 0.1):
+    def __init__(self, error_files: Callable[[], dict[int, Path]], progress: Path, interval: float = 0.1,
+                 on_failure: Callable[[int, Path, dict], None] | None = None):
         self._error_files, self._progress, self._interval = error_files, progress, interval
+        self._on_failure = on_failure  # told of each rank's own failure (not a consequence) as it is seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fastlaunch-failwatch", daemon=True)
         self._acted: set[Path] = set()
-        self.stopped: dict[int, list[int]] = {}  # failed global rank -> the global ranks killed because of it
+        self.stopped: dict[Path, list[int]] = {}  # a failure record -> the global ranks killed because of it
 
     def __enter__(self) -> "FailureWatch":
         self._thread.start()
@@ -66,8 +71,9 @@ class FailureWatch:
         self._thread.join(timeout=5)
 
     def consequences(self) -> set[int]:
-        """Ranks this watch killed because another rank had recorded a failure."""
-        return {rank for killed in self.stopped.values() for rank in killed}
+        """Ranks of the latest attempt this watch killed because another rank had recorded a failure."""
+        current = set(self._error_files().values())
+        return {rank for path, killed in self.stopped.items() if path in current for rank in killed}
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
@@ -80,9 +86,11 @@ class FailureWatch:
                 self._acted.add(path)
                 if is_consequence_message(record.get("py_callstack", "")[-2000:]):
                     continue  # it failed because a peer died: that death is the engine's to see
+                if self._on_failure is not None:
+                    self._on_failure(rank, path, record)
                 pid = int(record.get("fastlaunch_pid", 0))
                 if pid and _alive(pid):  # a rank that already exited is the engine's to see
-                    self.stopped[rank] = self._kill_all(pid)
+                    self.stopped[path] = self._kill_all(pid)
 
     def _kill_all(self, failed_pid: int) -> list[int]:
         """SIGKILL every rank of this node (their DataLoader workers follow by parent-death signal)."""

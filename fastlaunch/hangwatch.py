@@ -45,6 +45,7 @@ class HangWatch:
         self._thread = threading.Thread(target=self._run, name="fastlaunch-hangwatch", daemon=True)
         self._group_seen_at: float | None = None
         self.verdict: tuple[Beat, str] | None = None  # (the hung rank's last beat, what happened)
+        self.stack_taken = False  # whether the hung rank could dump its stack into its log
 
     def __enter__(self) -> "HangWatch":
         if self._timeout > 0:
@@ -72,13 +73,25 @@ class HangWatch:
 
     def _stop_job(self, found: tuple[Beat, str], beats: list[Beat]) -> None:
         culprit, why = found
-        self.verdict = (culprit, why)
-        if culprit.pid:
+        if culprit.pid and _stopped(culprit.pid):
+            why += "; its process is stopped (SIGSTOP, or a debugger holds it), so no stack could be taken"
+        elif culprit.pid:
             _signal(culprit.pid, signal.SIGUSR2)  # faulthandler writes every thread's stack to its log
+            self.stack_taken = True
             time.sleep(1.0)
+        self.verdict = (culprit, why)
         for beat in beats:  # the engine sees the ranks die and tears the job down
             if beat.pid:
                 _signal(beat.pid, signal.SIGKILL)
+
+
+def _stopped(pid: int) -> bool:
+    """True when the process is stopped (state T): it cannot run a signal handler until continued."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -209,3 +209,31 @@ def test_a_failure_that_lingers_still_ends_the_job_at_once(tmp_path, fault, ling
     assert "rank 0 stopped as a consequence" in stderr or "rank 0 failed" not in stderr
     assert proc.returncode == 1
     assert not _survivors(procs, limit=10)
+
+
+def test_sigterm_with_a_stuck_rank_writes_no_checkpoint_and_does_not_claim_75(tmp_path):
+    """Rank 1 sleeps inside a callback: the ranks never reach the agreed stop, no checkpoint is written,
+    and the launcher says so instead of asking for a requeue (75)."""
+    proc, out = _start(tmp_path, "sleep", "--grace", "5", "--hang-timeout", "0")
+    procs = _wait_ready(proc, out, ranks=2)
+    deadline = time.monotonic() + 90
+    while not (out / "sleeping-rank1").exists():  # rank 1 is in its long sleep, rank 0 waits for it
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert ("fastlaunch: no checkpoint was written before the ranks stopped (outside a fit, or a rank did not "
+            "reach the agreed stop within --grace): exit status 143, not 75") in stderr
+    assert not _survivors(procs)
+
+
+def test_a_stopped_rank_is_named_and_the_report_says_why_it_has_no_stack(tmp_path):
+    proc, out = _start(tmp_path, "sigstop", "--hang-timeout", "4")
+    procs = _wait_ready(proc, out, ranks=1)
+    _, stderr = proc.communicate(timeout=4 + 30)
+    assert proc.returncode == 1
+    assert "fastlaunch: rank 1 hung: no progress for" in stderr
+    assert "its process is stopped (SIGSTOP, or a debugger holds it), so no stack could be taken" in stderr
+    assert "its stack (from" not in stderr
+    assert not _survivors(procs)

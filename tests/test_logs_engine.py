@@ -8,7 +8,8 @@ import types
 from pathlib import Path
 
 from fastlaunch.config import LaunchConfig
-from fastlaunch.engine import elastic_config, root_cause, worker_args
+from fastlaunch.engine import elastic_config, worker_args
+from fastlaunch.outcome import root_cause
 from fastlaunch.logs import ConsoleFollower, RankLogsSpecs, tail_lines
 
 

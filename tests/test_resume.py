@@ -72,7 +72,44 @@ def test_sigterm_mid_epoch_checkpoints_and_resume_finishes_the_plan(tmp_path):
     (whole / "out").mkdir(parents=True)
     plain = _run(["--cpu", "2", "--seed", seed, SCRIPT], whole, whole / "out", "plain")
     assert plain.returncode == 0, plain.stderr
-    assert _ranks(whole / "out")[0]["weights"] == pytest.approx(r0["weights"], rel=1e-5)
+    uninterrupted = _ranks(whole / "out")[0]
+    assert uninterrupted["weights"] == pytest.approx(r0["weights"], rel=1e-5)
+    # the whole recorder too: earlier epochs' rows, the smoothed train loss of the interrupted epoch
+    for got, want in zip(r0["values"], uninterrupted["values"]):
+        assert got == pytest.approx(want, abs=1e-5)
+    assert r0["losses"] == pytest.approx(uninterrupted["losses"], abs=1e-5)
+    assert r0["lrs"] == pytest.approx(uninterrupted["lrs"], abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The probe's 4 epochs with --seed 11, never stopped: what every resumed run must end with."""
+    cwd = tmp_path_factory.mktemp("whole")
+    (cwd / "out").mkdir()
+    proc = _run(["--cpu", "2", "--seed", "11", SCRIPT], cwd, cwd / "out", "plain")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _ranks(cwd / "out")[0]
+
+
+@pytest.mark.parametrize("where", ["0:batch1", "1:batch5", "1:valid", "3:valid"])
+def test_a_stop_anywhere_resumes_to_the_uninterrupted_recorder_and_weights(tmp_path, uninterrupted, where):
+    """Stopped early, mid-epoch, during validation, or in the last epoch's validation (no epoch left to
+    run): the resumed script observes the whole recorder and weights of the run that was never stopped."""
+    out = tmp_path / "out"
+    out.mkdir()
+    stopped = _run(["--cpu", "2", "--seed", "11", SCRIPT], tmp_path, out, f"signal:{where}")
+    assert stopped.returncode == 75, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    assert "stopped by a signal; checkpoint" in stopped.stdout
+    run_dir = next((tmp_path / "runs").iterdir())
+    resumed = _run(["--resume", run_dir], tmp_path, out, "plain")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    r0, r1 = _ranks(out)
+    assert r0["values"] == r1["values"] and len(r0["values"]) == 4
+    for got, want in zip(r0["values"], uninterrupted["values"]):
+        assert got == pytest.approx(want, abs=1e-5)
+    assert r0["losses"] == pytest.approx(uninterrupted["losses"], abs=1e-5)
+    assert r0["lrs"] == pytest.approx(uninterrupted["lrs"], abs=1e-9)
+    assert r0["weights"] == pytest.approx(uninterrupted["weights"], rel=1e-5)
 
 
 def test_a_failure_restarts_and_resumes_from_the_last_epoch(tmp_path):
@@ -89,6 +126,14 @@ def test_a_failure_restarts_and_resumes_from_the_last_epoch(tmp_path):
     assert "rank 1 fails once" in (logs / "rank1.log").read_text()
     kept = sorted(p.name for p in (logs.parent / "checkpoints").glob("epoch*.pt"))
     assert kept == ["epoch0-2.pt", "epoch0-3.pt"]  # the last two
+    # the restart is accounted for on the console as it happens, and in the report
+    said = [line for line in proc.stderr.splitlines() if line.startswith("fastlaunch: rank 1 failed in attempt 0: ")]
+    assert len(said) == 1 and "rank 1 fails once" in said[0], proc.stderr[-3000:]
+    assert said[0].endswith("; restarting the ranks (restart 1 of at most 1)")
+    assert "fastlaunch: rank 1's traceback:" in proc.stderr and "resume_probe.py" in proc.stderr
+    assert "fastlaunch: resuming from " in proc.stdout
+    assert json.loads((logs.parent / "report.json").read_text())["restarts"] == 1
+    assert "fastlaunch: 1 automatic restart(s) after failures" in proc.stderr
 
 
 def test_resume_without_checkpoint_is_a_hint_error(tmp_path, capsys):

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -163,3 +164,42 @@ def test_one_node_slurm_job_with_two_cpu_ranks(tmp_path, slurm_cluster):
     assert proc.returncode == 0, proc.stderr + logs
     r0, r1 = _ranks(out)
     assert r0["weights"] == r1["weights"] and not set(r0["seen"][0]) & set(r1["seen"][0])
+
+
+def _job_field(job_id: str, field: str) -> str:
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
+    return next((part.split("=", 1)[1] for part in shown.split() if part.startswith(f"{field}=")), "")
+
+
+def test_two_node_job_stopped_by_usr1_requeues_itself(tmp_path, slurm_cluster):
+    """USR1 reaches both nodes' fastlaunch; the first to exit 75 makes srun kill the other task, so srun's
+    status is not 75: the marker the launchers leave still makes the job requeue itself."""
+    out = tmp_path / "out"
+    out.mkdir()
+    job = subprocess.run([sys.executable, "-m", "fastlaunch", "slurm", "--nodes", "2", "--cpu", "1", "--time", "10:00",
+                          "--cpus-per-rank", "1", str(SCRIPTS / "resume_probe.py")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert job.returncode == 0, job.stderr
+    (tmp_path / "job.sbatch").write_text(job.stdout)
+    env = {**os.environ, "FL_PROBE_OUT": str(out), "FL_MODE": "slow", "FL_SLOW_EXIT_RANK0": "1"}
+    sub = subprocess.run(["sbatch", "--parsable", "--export=ALL", "job.sbatch"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().split(";")[0]
+    try:
+        deadline = time.monotonic() + 240
+        while not all((out / f"ready-rank{r}").exists() for r in range(2)):  # both ranks mid-epoch
+            assert time.monotonic() < deadline, _job_field(job_id, "JobState")
+            time.sleep(0.2)
+        subprocess.run(["scancel", "--signal=USR1", job_id], check=True, timeout=30)
+        deadline = time.monotonic() + 240
+        while _job_field(job_id, "Restarts") in ("", "0"):
+            state = _job_field(job_id, "JobState")
+            assert state not in ("FAILED", "CANCELLED", "COMPLETED", "TIMEOUT"), \
+                state + "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+            assert time.monotonic() < deadline, "the job never requeued itself"
+            time.sleep(0.5)
+        assert _job_field(job_id, "Restarts") == "1"
+        assert not list(tmp_path.glob(".fastlaunch-stopped-*"))  # the job script removed its marker
+    finally:
+        subprocess.run(["scancel", job_id], timeout=30)

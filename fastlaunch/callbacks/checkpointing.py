@@ -8,12 +8,15 @@ random state, so the planned epochs end as planned.
 from __future__ import annotations
 
 import itertools
+import json
 from functools import partial
 
 import torch
 
 from .. import checkpoint
-from ..comm import current_env, is_rank_zero
+from ..comm import broadcast_object, current_env, is_rank_zero
+from ..config import stop_marker
+from .agreement import stop_state
 from .base import LeanCallback
 from .placement import DistributedFit
 
@@ -73,6 +76,12 @@ class ResumeFit(LeanCallback):
     def before_epoch(self):
         if self._epoch_restored:
             return
+        self._restore_recorder()
+        train = self.learn.dls.train
+        if hasattr(train, "skip_batches"):  # a ShardedDL: replay this epoch's agreed order, minus what is done
+            train.epoch, train.skip_batches = self.plan["epoch"], self.plan["iter"]
+
+    def _restore_recorder(self):
         self._epoch_restored = True
         rec, saved = self.learn.recorder, self.plan["recorder"]
         rec.values = [list(row) for row in saved["values"]]
@@ -85,9 +94,6 @@ class ResumeFit(LeanCallback):
         progress = getattr(getattr(self.learn, "progress", None), "mbar", None)
         if progress is not None:
             progress.update(0)  # the epoch bar starts its clock at epoch 0, which a resumed fit skips
-        train = self.learn.dls.train
-        if hasattr(train, "skip_batches"):  # a ShardedDL: replay this epoch's agreed order, minus what is done
-            train.epoch, train.skip_batches = self.plan["epoch"], self.plan["iter"]
 
     def before_batch(self):
         if self._batch_restored or not self.training:
@@ -99,18 +105,30 @@ class ResumeFit(LeanCallback):
 
     def after_fit(self):
         self.learn._fastlaunch_start_epoch = 0
+        if not self._epoch_restored:  # stopped in its last epoch's validation: no epoch is left to run
+            self._restore_recorder()
 
 
 def preempt_writer(learn, position: str) -> None:
-    """Rank 0 writes checkpoints/preempt.pt where every rank agreed to stop."""
-    if not is_rank_zero():
-        return
-    epoch, done = (learn.epoch, learn.iter) if position == "batch" else (learn.epoch + 1, 0)
+    """Every rank averages the epoch's smoothed losses so far (as the epoch's end would: the running
+    average is linear, so ranks resuming from the average end the epoch with the uninterrupted figures);
+    rank 0 writes checkpoints/preempt.pt where every rank agreed to stop; every rank learns whether it was
+    written and leaves a stop marker in its node's logs (the launcher exits 75 only when it was)."""
+    sync, state = getattr(learn, "recorder_sync", None), stop_state(learn)
+    if position == "batch" and sync is not None and state is not None:
+        sync.sync(state, with_metrics=False)
     denv = current_env()
-    path = checkpoint.save(checkpoint.snapshot(learn, learn._fastlaunch_fit_index, epoch, done, denv.seed),
-                           denv.run_dir, "preempt")
-    if path is not None:  # else save said why; the job still stops with the "stopped by a signal" status
-        print(f"fastlaunch: stopped by a signal; checkpoint {path}", flush=True)
+    path = None
+    if is_rank_zero():
+        epoch, done = (learn.epoch, learn.iter) if position == "batch" else (learn.epoch + 1, 0)
+        path = checkpoint.save(checkpoint.snapshot(learn, learn._fastlaunch_fit_index, epoch, done, denv.seed),
+                               denv.run_dir, "preempt")
+        if path is not None:  # else save said why
+            print(f"fastlaunch: stopped by a signal; checkpoint {path}", flush=True)
+    written = broadcast_object(None if path is None else str(path))
+    if denv.run_dir is not None:
+        marker = stop_marker(denv.run_dir / "logs", denv.rank)
+        marker.write_text(json.dumps({"checkpoint": written, "position": position}))
 
 
 class EpochCheckpoints(LeanCallback):

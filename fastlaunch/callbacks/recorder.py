@@ -26,7 +26,7 @@ class RecorderSync(LeanCallback):
     def before_fit(self):
         self._synced = 0
 
-    def _sync(self, state, with_metrics: bool) -> list[float]:
+    def sync(self, state, with_metrics: bool) -> list[float]:
         """One all_reduce: this epoch's smoothed losses, the running average, metric sums, stop flags."""
         rec = self.learn.recorder
         tail = rec.losses[self._synced:]
@@ -55,11 +55,11 @@ class RecorderSync(LeanCallback):
     def after_train(self):
         state = stop_state(self.learn)
         if state is not None:
-            flags = self._sync(state, with_metrics=True)
+            flags = self.sync(state, with_metrics=True)
             state.agree(flags, allowed=(CancelFitException, CancelEpochException))
 
     def after_fit(self):
         # Also after a cancel (lr_find ends by cancelling): the losses since the last epoch's sync.
         state = stop_state(self.learn)
         if state is not None and hasattr(self.learn, "recorder") and len(self.learn.recorder.losses) > self._synced:
-            self._sync(state, with_metrics=False)
+            self.sync(state, with_metrics=False)

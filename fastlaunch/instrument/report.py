@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..logs import attempt_of
 from .diagnose import diagnose
 
 __all__ = ["read_records", "build_report", "render_text", "SCHEMA"]
@@ -53,8 +54,10 @@ def build_report(run_dir: Path, world_size: int, failed: list[int] = ()) -> dict
     present = sorted({r["rank"] for r in records})
     missing = sorted({r for r in range(world_size) if r not in present} | set(failed))
     last_epoch = {r: max(x["epoch"] for x in records if x["rank"] == r) for r in present}
+    restarts = max((attempt_of(p) for p in (run_dir / "logs").glob("rank*.log")), default=0)
     report = {"schema": SCHEMA, "world_size": world_size, "ranks": present, "missing": missing,
               "last_epoch": last_epoch, "attempts": sorted({r.get("attempt", 0) for r in records}),
+              "restarts": restarts,
               "epochs": records, "diagnoses": diagnose(records, missing, last_epoch)}
     (run_dir / "report.json").write_text(json.dumps(report, indent=1))
     if records:
@@ -74,6 +77,9 @@ def render_text(report: dict) -> str:
                      f"step {r['step_time'] * 1000:.0f} ms, data wait {r['data_wait_frac']:.0%}, "
                      f"{r['syncs_per_step']:.1f} syncs/step{f' ({designed:.1f} by design)' if designed else ''}, "
                      f"RSS {r['rss_mb']:.0f} MB")
+    if report.get("restarts"):
+        lines.append(f"fastlaunch: {report['restarts']} automatic restart(s) after failures "
+                     f"(each attempt's logs: logs/rank<R>.attempt<A>.log)")
     for text in report["diagnoses"] or ["nothing slows this run down that fastlaunch can see"]:
         lines.append(f"fastlaunch: diagnosis: {text}")
     return "\n".join(lines)

@@ -70,12 +70,15 @@ class Fault(Callback):
             if FAULT == "segv":
                 ctypes.string_at(0)
             if FAULT == "sleep":
+                (OUT / "sleeping-rank1").touch()
                 time.sleep(3600)
             if FAULT == "spin":
                 while True:
                     pass
             if FAULT == "stop":
                 raise CancelFitException()
+            if FAULT == "sigstop":  # as a debugger attaching, or a job control stop
+                os.kill(os.getpid(), signal.SIGSTOP)
 
 
 if FAULT == "late" and RANK == 1:

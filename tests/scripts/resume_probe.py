@@ -1,7 +1,12 @@
 """A fastai script that trains 4 epochs; for the checkpoint and resume tests it also writes what it saw.
 
 $FL_MODE: slow (a pause per batch, and $FL_PROBE_OUT/ready-rank<R> at epoch 1's 3rd batch, so a signal lands
-mid-epoch), fail_once (rank 1 raises at epoch 2's 4th batch on the first attempt only), or plain."""
+mid-epoch), fail_once (rank 1 raises at epoch 2's 4th batch on the first attempt only), signal:<E>:<where>
+(rank 0 sends SIGTERM to the launcher once, at epoch E's training batch <where>, or in its validation
+when <where> is "valid"), or plain. With $FL_SLOW_EXIT_RANK0, rank 0 takes 5 s to exit (a slow teardown),
+so that on several nodes another node's launcher exits first."""
+import atexit
+import signal
 import json
 import os
 import time
@@ -16,6 +21,8 @@ MODE = os.environ.get("FL_MODE", "plain")
 OUT = Path(os.environ["FL_PROBE_OUT"])
 RANK = int(os.environ.get("RANK", 0))
 ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+if os.environ.get("FL_SLOW_EXIT_RANK0") and RANK == 0:
+    atexit.register(time.sleep, 5)
 
 
 def features(i):
@@ -28,12 +35,25 @@ def label(i):
     return int(x[0] * x[1] > 0)
 
 
+def signal_here(epoch: int, where: str) -> None:
+    """Rank 0 asks the launcher to stop the job (as Slurm would), once per test."""
+    if not MODE.startswith("signal:") or RANK != 0 or MODE.split(":")[1:] != [str(epoch), where]:
+        return
+    once = OUT / "signalled"
+    if not once.exists():
+        once.touch()
+        os.kill(int(os.environ["FASTLAUNCH_LAUNCHER_PID"]), signal.SIGTERM)
+
+
 class Pace(Callback):
     def before_fit(self): self.seen = []
 
     def after_batch(self):
         if not self.training:
+            if self.iter == 0:
+                signal_here(self.epoch, "valid")
             return
+        signal_here(self.epoch, f"batch{self.iter}")
         self.seen.append((self.epoch, self.train_iter))
         if MODE == "slow":
             time.sleep(0.4)
@@ -51,6 +71,7 @@ learn = Learner(dsets.dataloaders(bs=64), nn.Sequential(nn.Linear(2, 32), nn.ReL
 learn.fit_one_cycle(4, 1e-2)
 rec = learn.recorder
 out = {"values": [[float(v) for v in row] for row in rec.values], "n_losses": len(rec.losses),
+       "losses": [float(v) for v in rec.losses],
        "lrs": [float(v) for v in rec.lrs], "seen": pace.seen, "attempt": ATTEMPT,
        "weights": sum(float(p.double().sum()) for p in learn.model.parameters())}
 (OUT / f"rank{RANK}.json").write_text(json.dumps(out))
