@@ -151,3 +151,28 @@ def test_resume_from_a_run_whose_only_checkpoint_is_crafted_is_a_hint_error(run_
     assert err[1].startswith("fastlaunch: error: the run to resume has no good checkpoint") and "HINT" in err[1]
     assert len(err) == 2 and not marker.exists()
     assert not (tmp_path / "runs").exists() or [p.name for p in (tmp_path / "runs").iterdir()] == [run_dir.name]
+
+
+def test_stale_temporaries_of_a_killed_writer_are_removed_at_the_next_write_and_resume(run_dir):
+    folder = checkpoint.checkpoint_dir(run_dir)
+    folder.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = folder / f".epoch0-1.pt.{int(dead.stdout)}.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    checkpoint.save(_state(1), run_dir, "epoch0-0")
+    assert not stale.exists()
+    stale.write_bytes(b"half a checkpoint")
+    assert checkpoint.latest(run_dir) == folder / "epoch0-0.pt"
+    assert not stale.exists()
+
+
+@pytest.mark.parametrize("text", ["device: cpu\nnproc_per_node: 2\n", "[unclosed", "just a string"])
+def test_a_broken_launch_yaml_under_resume_is_a_hint_error(run_dir, tmp_path, capsys, monkeypatch, text):
+    from fastlaunch.cli import main
+
+    (run_dir / "launch.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastlaunch: error: the run's launch.yaml is broken (got ") \
+        and "HINT: " in err[0], err
