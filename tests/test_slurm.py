@@ -172,8 +172,9 @@ def _job_field(job_id: str, field: str) -> str:
 
 
 def test_two_node_job_stopped_by_usr1_requeues_itself(tmp_path, slurm_cluster):
-    """USR1 reaches both nodes' fastlaunch; the first to exit 75 makes srun kill the other task, so srun's
-    status is not 75: the marker the launchers leave still makes the job requeue itself."""
+    """USR1 reaches both nodes' fastlaunch and both stop with a checkpoint; rank 0 then lingers (a teardown
+    that ignores SIGTERM), so node 1's launcher exits 75 first and srun ends the step, killing node 0's
+    launcher after KillWait: srun's status is not 75. The marker the launchers leave still requeues the job."""
     out = tmp_path / "out"
     out.mkdir()
     job = subprocess.run([sys.executable, "-m", "fastlaunch", "slurm", "--nodes", "2", "--cpu", "1", "--time", "10:00",

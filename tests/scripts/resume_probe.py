@@ -3,8 +3,8 @@
 $FL_MODE: slow (a pause per batch, and $FL_PROBE_OUT/ready-rank<R> at epoch 1's 3rd batch, so a signal lands
 mid-epoch), fail_once (rank 1 raises at epoch 2's 4th batch on the first attempt only), signal:<E>:<where>
 (rank 0 sends SIGTERM to the launcher once, at epoch E's training batch <where>, or in its validation
-when <where> is "valid"), or plain. With $FL_SLOW_EXIT_RANK0, rank 0 takes 5 s to exit (a slow teardown),
-so that on several nodes another node's launcher exits first."""
+when <where> is "valid"), or plain. With $FL_SLOW_EXIT_RANK0, rank 0 lingers after its script (a teardown
+that ignores SIGTERM), so that on several nodes another node's launcher exits first and srun ends the step."""
 import atexit
 import signal
 import json
@@ -22,7 +22,11 @@ OUT = Path(os.environ["FL_PROBE_OUT"])
 RANK = int(os.environ.get("RANK", 0))
 ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 if os.environ.get("FL_SLOW_EXIT_RANK0") and RANK == 0:
-    atexit.register(time.sleep, 5)
+    def slow_teardown():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(60)
+
+    atexit.register(slow_teardown)
 
 
 def features(i):
