@@ -128,6 +128,8 @@ def script_problems(root: Path, name: str) -> list[str]:
     cwd.mkdir()
     proc = run_fastlaunch(["--cpu", "2", script], cwd, timeout=300)
     found = [] if proc.returncode == status else [f"exit status {proc.returncode}, not {status}: {proc.stderr[-2000:]}"]
+    if "missing from the report" in proc.stderr:
+        found.append(f"a rank is reported missing: {proc.stderr[-1000:]}")
     if proc.stdout.count(f"CONFORMANCE {name}: done") != 1:
         found.append(f"its once-only line reached the console {proc.stdout.count(f'CONFORMANCE {name}: done')} times")
     return found + ([f"processes left running: {left}"] if (left := _leftovers(str(script))) else [])

@@ -33,6 +33,11 @@ def test_two_rank_run_writes_records_report_png_and_console_table(tmp_path):
         for key in ("rss_mb", "peak_rss_mb", "syncs_per_step", "data_wait_frac", "step_time", "work_time",
                     "epoch_end_wait", "attempt"):
             assert key in rec
+        # figures that add up
+        assert rec["peak_rss_mb"] >= rec["rss_mb"] > 0
+        assert 0 <= rec["data_wait_frac"] <= 1
+        assert rec["step_time"] >= rec["work_time"] >= 0
+        assert rec["syncs_per_step"] >= 0 and rec["epoch_end_wait"] >= 0 and rec["steps"] > 0
     assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert proc.stdout.count("fastlaunch: epoch 2 per rank | r0:") == 1
     assert all(rec["syncs_per_step"] == 0 for rec in report["epochs"])  # fastai's defaults and fastlaunch: none

@@ -59,7 +59,9 @@ def sample(device_type: str, index: int = 0, torch_mod: Any = None, nvml: Any = 
         import psutil
 
         rss_bytes = psutil.Process().memory_info().rss
-    out = {"rss_mb": rss_bytes / MB, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    # the kernel's high-water mark lags the current figure (it is updated at some events only): peak >= now
+    rss_mb = rss_bytes / MB
+    out = {"rss_mb": rss_mb, "peak_rss_mb": max(rss_mb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
     if device_type == "cuda":
         if torch_mod is None:
             import torch as torch_mod

@@ -52,7 +52,9 @@ def build_report(run_dir: Path, world_size: int, failed: list[int] = ()) -> dict
     run_dir = Path(run_dir)
     records = read_records(run_dir)
     present = sorted({r["rank"] for r in records})
-    missing = sorted({r for r in range(world_size) if r not in present} | set(failed))
+    # nothing trained (a script that exits without a fit, a crash before the first epoch's end): no rank is
+    # "missing" (the failure summary has named the culprit)
+    missing = sorted({r for r in range(world_size) if r not in present} | set(failed)) if records else []
     last_epoch = {r: max(x["epoch"] for x in records if x["rank"] == r) for r in present}
     restarts = max((attempt_of(p) for p in (run_dir / "logs").glob("rank*.log")), default=0)
     report = {"schema": SCHEMA, "world_size": world_size, "ranks": present, "missing": missing,
