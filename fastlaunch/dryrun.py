@@ -72,6 +72,9 @@ def _device_of_tfms(dl: Any) -> str | None:
 
 def dry_run(script: str, args: list[str], cores: int) -> list[Finding]:
     """Run the script until its first training batch; report what it saw."""
+    from .quiet import quiet_dependency_warnings
+
+    quiet_dependency_warnings()
     from fastai.callback.core import Callback
     from fastai.learner import defaults
 

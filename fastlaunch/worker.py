@@ -19,7 +19,6 @@ import time  # noqa: E402
 import runpy  # noqa: E402
 import signal  # noqa: E402
 import traceback  # noqa: E402
-import warnings  # noqa: E402
 
 from .config import STOPPED_BY_SIGNAL  # noqa: E402
 
@@ -145,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     comm.install_init_guard()
     if denv.rank != 0:
         os.environ["WANDB_MODE"] = "disabled"  # wandb.init() in a script would open one run per rank
-    # fastai's import trips torch's jit deprecation warning on every rank: noise, not the user's concern.
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
+    from .quiet import quiet_dependency_warnings
+
+    quiet_dependency_warnings()  # fastai's import and DataFrame tensors: noise the user cannot act on
     try:
         import fastai  # noqa: F401
     except ImportError:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import types
 
 import torch
@@ -89,6 +91,20 @@ def test_dry_run_names_the_module_that_does_not_export(tmp_path):
     assert "first module that does not export: 1 (Gate)" in proc.stdout, proc.stdout + proc.stderr
     assert "placement: model on cpu, batch on cpu" in proc.stdout
     assert "stopped after one training batch" in proc.stdout
+    assert "torch.jit.script" not in proc.stdout + proc.stderr  # dependency noise the user cannot act on
+
+
+def test_dependency_noise_is_filtered_and_nothing_else():
+    code = ("import warnings, numpy as np, torch\n"
+            "from fastlaunch.quiet import quiet_dependency_warnings\n"
+            "quiet_dependency_warnings()\n"
+            "a = np.zeros(3); a.flags.writeable = False; torch.as_tensor(a)\n"
+            "warnings.warn('`torch.jit.script` is deprecated. Please switch', FutureWarning)\n"
+            "warnings.warn('the script speaks', UserWarning)\n")
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "not writable" not in proc.stderr and "torch.jit.script" not in proc.stderr
+    assert "the script speaks" in proc.stderr
 
 
 def test_an_exportable_model_passes():
