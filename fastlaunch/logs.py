@@ -89,6 +89,7 @@ class ConsoleFollower:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fastlaunch-console", daemon=True)
+        self._mid_line = False  # rank 0's last output did not end its line (a progress bar)
 
     def follow(self, path: Path) -> None:
         """Follow this file from its start (a new attempt's rank 0 log)."""
@@ -102,8 +103,11 @@ class ConsoleFollower:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if self._mid_line:  # the launcher's own lines that follow start on a fresh line
+            self._write(b"\n")
 
     def _write(self, data: bytes) -> None:
+        self._mid_line = not data.endswith(b"\n")
         buffer = getattr(self._out, "buffer", None)
         if buffer is not None:
             self._out.flush()

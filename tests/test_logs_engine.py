@@ -92,3 +92,16 @@ def test_engine_chatter_is_quiet_down_to_torchs_module_loggers():
     _quiet_engine(False)
     for name in ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api"):
         assert logging.getLogger(name).getEffectiveLevel() == logging.CRITICAL, name
+
+
+def test_launcher_lines_after_rank_zero_start_on_a_fresh_line(tmp_path):
+    import io
+
+    from fastlaunch.logs import ConsoleFollower
+
+    log = tmp_path / "rank0.log"
+    log.write_bytes(b"epoch 0 done\nEpoch 1/1 : |\xe2\x96\x88\xe2\x96\x88------| 40.00% [2/5 00:01<00:01]")
+    out = io.StringIO()
+    with ConsoleFollower(out, interval=0.01) as follower:
+        follower.follow(log)
+    assert out.getvalue().endswith("[2/5 00:01<00:01]\n")  # the unfinished bar is ended before our lines
