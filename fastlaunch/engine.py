@@ -17,8 +17,8 @@ from .config import STOPPED_BY_SIGNAL, LaunchConfig
 from .failwatch import FailureWatch
 from .hangwatch import HangWatch
 from .logs import ConsoleFollower, RankLogsSpecs
-from .outcome import (consequences_of, root_cause, say_restart, signal_status, summarize_failure,
-                      summarize_hang)
+from .outcome import (consequences_of, root_cause, say_restart, script_exit_status, signal_status,
+                      summarize_failure, summarize_hang)
 
 __all__ = ["launch", "elastic_config", "worker_args"]
 
@@ -157,11 +157,15 @@ def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
         with _environ(config.to_env()), follower, watch, failwatch:
             elastic_launch(elastic_config(config, logs_specs, port), sys.executable)(*worker_args(config))
     except ChildFailedError as err:
-        stopped = consequences_of(err, failwatch.consequences())
-        status = summarize_hang(watch.verdict, logs_specs, watch.stack_taken) if watch.verdict else \
-            summarize_failure(err, logs_specs, console_rank=0, stopped=stopped)
-        failed = [watch.verdict[0].rank] if watch.verdict else \
-            [root_cause(err.failures, stopped)]
+        own = script_exit_status(err) if not watch.verdict else None
+        if own is not None:  # sys.exit(N) on every rank: the script's own status, no rank to blame
+            print(f"fastlaunch: the script exited with status {own} on every rank", file=sys.stderr)
+            status = own
+        else:
+            stopped = consequences_of(err, failwatch.consequences())
+            status = summarize_hang(watch.verdict, logs_specs, watch.stack_taken) if watch.verdict else \
+                summarize_failure(err, logs_specs, console_rank=0, stopped=stopped)
+            failed = [watch.verdict[0].rank] if watch.verdict else [root_cause(err.failures, stopped)]
     except KeyboardInterrupt:
         print("fastlaunch: interrupted; ranks stopped", file=sys.stderr)
         status = 130

@@ -12,7 +12,7 @@ from .failwatch import is_consequence_message
 from .logs import RankLogsSpecs, attempt_of, tail_lines
 
 __all__ = ["root_cause", "is_consequence", "summarize_failure", "summarize_hang", "consequences_of", "say_restart",
-           "signal_status"]
+           "signal_status", "script_exit_status"]
 
 _TAIL_LINES = 40
 
@@ -111,6 +111,15 @@ def summarize_hang(verdict, logs_specs: RankLogsSpecs, stack_taken: bool = True)
             print(f"  {line}", file=out)
     print(f"fastlaunch: the job was stopped; logs: {logs_specs.log_dir}", file=out)
     return 1
+
+
+def script_exit_status(err) -> int | None:
+    """N when every rank ended by the script's own sys.exit(N) (the same status everywhere, no failure
+    recorded): not a crash, and no rank to blame."""
+    codes = {f.exitcode for f in err.failures.values()}
+    if len(codes) == 1 and next(iter(codes)) > 0 and not any(_extra(f) for f in err.failures.values()):
+        return next(iter(codes))
+    return None
 
 
 def consequences_of(err, killed: set[int]) -> set[int]:

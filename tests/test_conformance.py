@@ -128,6 +128,10 @@ def script_problems(root: Path, name: str) -> list[str]:
     cwd.mkdir()
     proc = run_fastlaunch(["--cpu", "2", script], cwd, timeout=300)
     found = [] if proc.returncode == status else [f"exit status {proc.returncode}, not {status}: {proc.stderr[-2000:]}"]
+    if status and f"fastlaunch: the script exited with status {status} on every rank" not in proc.stderr:
+        found.append(f"the script's own exit status is not said as such: {proc.stderr[-1000:]}")
+    if " failed (exit code" in proc.stderr:
+        found.append(f"a rank is blamed for the script's own exit: {proc.stderr[-1000:]}")
     if "missing from the report" in proc.stderr:
         found.append(f"a rank is reported missing: {proc.stderr[-1000:]}")
     if proc.stdout.count(f"CONFORMANCE {name}: done") != 1:
