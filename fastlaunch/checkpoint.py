@@ -177,12 +177,14 @@ def save(state: dict, run_dir: Path, name: str) -> Path | None:
     return path
 
 
-def verify(path: Path, run_dir: Path) -> dict:
-    """The manifest of a checkpoint that can be used, or BadCheckpoint saying why not."""
-    try:
-        manifest = json.loads(_manifest_path(path).read_text())
-    except (OSError, ValueError):
-        raise BadCheckpoint("its manifest is missing or unreadable") from None
+def verify(path: Path, run_dir: Path, manifest: dict | None = None) -> dict:
+    """The manifest of a checkpoint that can be used, or BadCheckpoint saying why not (`manifest`: its
+    manifest when the caller has read it already)."""
+    if manifest is None:
+        try:
+            manifest = json.loads(_manifest_path(path).read_text())
+        except (OSError, ValueError):
+            raise BadCheckpoint("its manifest is missing or unreadable") from None
     if manifest.get("format") != FORMAT or manifest.get("file") != path.name:
         raise BadCheckpoint("its manifest is not one of this version for this file")
     if manifest.get("run") != Path(run_dir).resolve().name:
@@ -211,10 +213,10 @@ def latest(run_dir: Path, say: Callable[[str], None] | None = None) -> Path | No
             if say is not None:  # never used: without its manifest nothing says where it was or vouches for it
                 say(f"fastlaunch: skipping checkpoint {path}: its manifest is missing or unreadable")
             continue
-        candidates.append((key, path))
-    for _, path in sorted(candidates, key=lambda c: c[0], reverse=True):
+        candidates.append((key, path, manifest))
+    for _, path, manifest in sorted(candidates, key=lambda c: c[0], reverse=True):
         try:
-            verify(path, run_dir)
+            verify(path, run_dir, manifest)
         except BadCheckpoint as why:
             if say is not None:
                 say(f"fastlaunch: skipping checkpoint {path}: {why}")

@@ -32,7 +32,8 @@ def patch_gradient_accumulation_counts_global_samples() -> None:
             # DDP's static graph learns the graph in its first backward, which must reduce (sums of
             # reduced and local gradients reduce to the same average)
             first = not getattr(model, "graph_seen", False)
-            model.graph_seen = True
+            if first:
+                model.graph_seen = True
             model.require_backward_grad_sync = first or self.count + _global_bs(self) >= self.n_acc
 
     def after_loss(self):
