@@ -41,7 +41,7 @@ def test_sigterm_mid_epoch_checkpoints_and_resume_finishes_the_plan(tmp_path):
     out.mkdir()
     # A generous grace: on a loaded machine rank 0's atomic write (with fsync) can take seconds.
     proc = subprocess.Popen([sys.executable, "-m", "fastlaunch", "--cpu", "2", "--grace", "20", str(SCRIPT)],
-                            cwd=tmp_path, env=_env(out, "slow"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=tmp_path, env={**_env(out, "slow"), "FL_HOLD_FOR_SIGNAL": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.monotonic() + 90
     while not all((out / f"ready-rank{r}").exists() for r in range(2)):

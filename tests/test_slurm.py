@@ -182,7 +182,8 @@ def test_two_node_job_stopped_by_usr1_requeues_itself(tmp_path, slurm_cluster):
                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert job.returncode == 0, job.stderr
     (tmp_path / "job.sbatch").write_text(job.stdout)
-    env = {**os.environ, "FL_PROBE_OUT": str(out), "FL_MODE": "slow", "FL_SLOW_EXIT_RANK0": "1"}
+    env = {**os.environ, "FL_PROBE_OUT": str(out), "FL_MODE": "slow", "FL_SLOW_EXIT_RANK0": "1",
+           "FL_HOLD_FOR_SIGNAL": "1"}
     sub = subprocess.run(["sbatch", "--parsable", "--export=ALL", "job.sbatch"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=60, env=env)
     assert sub.returncode == 0, sub.stderr

@@ -3,7 +3,9 @@
 $FL_MODE: slow (a pause per batch, and $FL_PROBE_OUT/ready-rank<R> at epoch 1's 3rd batch, so a signal lands
 mid-epoch), fail_once (rank 1 raises at epoch 2's 4th batch on the first attempt only), signal:<E>:<where>
 (rank 0 sends SIGTERM to the launcher once, at epoch E's training batch <where>, or in its validation
-when <where> is "valid"), or plain. With $FL_SLOW_EXIT_RANK0, rank 0 lingers after its script (a teardown
+when <where> is "valid"), or plain. With $FL_HOLD_FOR_SIGNAL in slow mode, each rank holds at the batch after
+its ready marker until its own process has received SIGTERM/SIGUSR1 (a scheduler may deliver a signal
+seconds after it was sent; the stop must still land mid-fit). With $FL_SLOW_EXIT_RANK0, rank 0 lingers after its script (a teardown
 that ignores SIGTERM), so that on several nodes another node's launcher exits first and srun ends the step."""
 import atexit
 import signal
@@ -27,6 +29,22 @@ if os.environ.get("FL_SLOW_EXIT_RANK0") and RANK == 0:
         time.sleep(60)
 
     atexit.register(slow_teardown)
+
+
+SIGNALLED = []
+if os.environ.get("FL_HOLD_FOR_SIGNAL"):
+    for _sig in (signal.SIGTERM, signal.SIGUSR1):  # chained before fastlaunch's own handler, which still runs
+        def _seen(signum, frame, previous=signal.getsignal(_sig)):
+            SIGNALLED.append(signum)
+            if callable(previous):
+                previous(signum, frame)
+        signal.signal(_sig, _seen)
+
+
+def hold_for_signal(limit_s: float = 180.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not SIGNALLED and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def features(i):
@@ -63,6 +81,8 @@ class Pace(Callback):
             time.sleep(0.4)
             if self.epoch == 1 and self.iter == 2:
                 (OUT / f"ready-rank{RANK}").touch()
+            if self.epoch == 1 and self.iter == 3 and os.environ.get("FL_HOLD_FOR_SIGNAL"):
+                hold_for_signal()
         if MODE == "fail_once" and ATTEMPT == 0 and RANK == 1 and self.epoch == 2 and self.iter == 3:
             raise RuntimeError("rank 1 fails once")
 
