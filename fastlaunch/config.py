@@ -7,11 +7,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from .env import launcher_environ
 from .errors import UsageError
+from .option_table import ENV_PREFIX, rank_variables
 
 __all__ = ["Precision", "LaunchConfig", "ENV_PREFIX", "STOPPED_BY_SIGNAL", "stop_marker"]
 
-ENV_PREFIX = "FASTLAUNCH_"
 # The exit status of ranks and launcher stopped (and checkpointed) by SIGTERM/SIGUSR1. EX_TEMPFAIL: the
 # Slurm job script requeues itself on it.
 STOPPED_BY_SIGNAL = 75
@@ -76,21 +77,10 @@ class LaunchConfig:
 
     def to_env(self, base: Mapping[str, str] | None = None, launcher_pid: int | None = None) -> dict[str, str]:
         """Environment variables every worker gets on top of the launcher's own."""
-        base = os.environ if base is None else base
+        base = launcher_environ() if base is None else base
         env = {
             f"{ENV_PREFIX}LAUNCHER_PID": str(launcher_pid or os.getpid()),
-            f"{ENV_PREFIX}RUN_DIR": str(self.run_dir),
-            f"{ENV_PREFIX}SEED": str(self.seed),
-            f"{ENV_PREFIX}DEVICE": self.device,
-            f"{ENV_PREFIX}PRECISION": self.precision.value,
-            f"{ENV_PREFIX}CPUS_PER_RANK": str(self.cpus_per_rank),
-            f"{ENV_PREFIX}KEEP_GLOBAL_BATCH": "1" if self.keep_global_batch else "0",
-            f"{ENV_PREFIX}SYNC_BN": "1" if self.sync_bn else "0",
-            f"{ENV_PREFIX}HANG_TIMEOUT": str(self.hang_timeout),
-            f"{ENV_PREFIX}CHECKPOINT_EVERY": self.checkpoint_every,
-            f"{ENV_PREFIX}KEEP_CHECKPOINTS": str(self.keep_checkpoints),
-            f"{ENV_PREFIX}RESUME": str(self.resume_from or ""),
-            f"{ENV_PREFIX}INSTRUMENT": "1" if self.instrument else "0",
+            **rank_variables(self),  # the FASTLAUNCH_* settings option_table.py sends to the ranks
             "PYTHONUNBUFFERED": "1",  # rank 0's output reaches the console as it comes
         }
         if "PYTHONHASHSEED" not in base:  # set and dict orders (vocabularies, splits) agree across ranks

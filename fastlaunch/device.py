@@ -41,7 +41,10 @@ def _nvml_device_count(nvml: Any) -> tuple[int | None, str]:
 
 def probe_gpus(environ: Mapping[str, str] | None = None, torch_mod: Any = None, nvml: Any = None) -> GpuProbe:
     """Count the CUDA devices torch can use; explain a zero (CPU-only build, hidden, no driver)."""
-    environ = os.environ if environ is None else environ
+    if environ is None:
+        from .env import launcher_environ
+
+        environ = launcher_environ()
     if torch_mod is None:
         import torch as torch_mod
     cuda_version = getattr(torch_mod.version, "cuda", None)

@@ -12,6 +12,8 @@ import socket
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 
+from .env import launcher_environ
+
 __all__ = ["Finding", "check_versions", "check_cuda", "check_gpu_memory", "check_cpu", "check_shm", "check_port",
            "check_slurm", "run_checks", "exit_status"]
 
@@ -202,7 +204,7 @@ def check_slurm(environ: Mapping[str, str], gpus: int, which: Callable[[str], st
 def run_checks(environ: Mapping[str, str] | None = None, torch_mod: Any = None, nvml: Any = None,
                cores: int | None = None) -> list[Finding]:
     """Every check, on this machine unless told otherwise."""
-    environ = os.environ if environ is None else environ
+    environ = launcher_environ() if environ is None else environ
     if torch_mod is None:
         import torch as torch_mod
     if nvml is None:

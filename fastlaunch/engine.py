@@ -1,19 +1,16 @@
 """LaunchConfig -> torch elastic agent -> exit status, with rank 0 on the console and a failure summary."""
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import signal
 import socket
 import sys
 import time
 import uuid
-from pathlib import Path
-from typing import Iterator, Mapping
 
 from . import heartbeat, rendezvous
 from .config import STOPPED_BY_SIGNAL, LaunchConfig
+from .env import environ_overlay, launcher_environ, stop_marker_request
 from .failwatch import FailureWatch
 from .hangwatch import HangWatch
 from .logs import ConsoleFollower, RankLogsSpecs
@@ -57,21 +54,6 @@ def elastic_config(config: LaunchConfig, logs_specs: RankLogsSpecs, port: int = 
                          rdzv_backend="c10d", rdzv_endpoint=config.rdzv_endpoint, **common)
 
 
-@contextlib.contextmanager
-def _environ(extra: Mapping[str, str]) -> Iterator[None]:
-    """Workers inherit the agent's environment: set the launcher's variables for the launch only."""
-    saved = {k: os.environ.get(k) for k in extra}
-    os.environ.update(extra)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def _quiet_engine(verbose: bool) -> None:
     """The engine's own INFO/WARNING chatter stays off the console unless --verbose."""
     level = logging.INFO if verbose else logging.CRITICAL
@@ -95,30 +77,6 @@ def _report(config: LaunchConfig, failed: list[int]) -> None:
         return
     if report["epochs"] or report["missing"]:
         print(render_text(report), file=sys.stderr)
-
-
-def report_main(argv) -> int:
-    """`fastlaunch report RUN_DIR`: print a run's report again (built anew from its records)."""
-    import json
-
-    from .errors import UsageError
-    from .instrument.report import build_report, render_text
-
-    try:
-        if len(argv) != 1:
-            raise UsageError("fastlaunch report takes one run directory", " ".join(argv) or "nothing",
-                             "fastlaunch report runs/<stamp>-<stem>")
-        run_dir = Path(argv[0])
-        if not (run_dir / "metrics").is_dir():
-            raise UsageError("no metrics in that run directory", run_dir,
-                             "pass a run directory of a fit run without --no-instrument")
-    except UsageError as err:
-        print(err, file=sys.stderr)
-        return err.exit_code
-    world = json.loads((run_dir / "report.json").read_text())["world_size"] if (run_dir / "report.json").exists() \
-        else 0
-    print(render_text(build_report(run_dir, world)))
-    return 0
 
 
 def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
@@ -153,8 +111,9 @@ def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
     heartbeat.create(progress, config.nproc_per_node)
     watch = HangWatch(progress, config.hang_timeout)
     failwatch = FailureWatch(logs_specs.error_files, progress, on_failure=say_restart(config.max_restarts))
+    environ = launcher_environ()
     try:
-        with _environ(config.to_env()), follower, watch, failwatch:
+        with environ_overlay(config.to_env(environ)), follower, watch, failwatch:
             elastic_launch(elastic_config(config, logs_specs, port), sys.executable)(*worker_args(config))
     except ChildFailedError as err:
         own = script_exit_status(err) if not watch.verdict else None
@@ -176,9 +135,10 @@ def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
     # The ranks are gone: a late stop (srun ending the step on another node's exit) must not turn this
     # node's status into 143 while the report is written.
     saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    if status == STOPPED_BY_SIGNAL and os.environ.get("FASTLAUNCH_STOP_MARKER"):
+    marker = stop_marker_request(environ)
+    if status == STOPPED_BY_SIGNAL and marker is not None:
         # for a Slurm job script: srun may kill this task before its exit status is seen (several nodes)
-        Path(os.environ["FASTLAUNCH_STOP_MARKER"]).touch()
+        marker.touch()
     if config.instrument:
         _report(config, failed)
     for sig, handler in saved.items():

@@ -1,4 +1,4 @@
-"""DistEnv: the one reader of the environment for distributed facts.
+"""The one reader of the environment: DistEnv (distributed facts), SlurmFacts, and the launcher's own view.
 
 Detectors are tried in a fixed order and the first that matches wins:
   1. torchelastic: the engine started this process (TORCHELASTIC_RUN_ID with RANK/WORLD_SIZE);
@@ -7,14 +7,45 @@ Detectors are tried in a fixed order and the first that matches wins:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
-from .config import ENV_PREFIX
+from .option_table import ENV_PREFIX, rank_settings
 
-__all__ = ["DistEnv", "SlurmFacts"]
+__all__ = ["DistEnv", "SlurmFacts", "launcher_environ", "environ_overlay", "stop_marker_request"]
+
+# Set by a Slurm job script of `fastlaunch slurm`: a file the launcher touches when it stops on a signal
+# with a checkpoint (srun may kill the task before its exit status is seen).
+STOP_MARKER_VAR = f"{ENV_PREFIX}STOP_MARKER"
+
+
+def launcher_environ() -> Mapping[str, str]:
+    """This process's environment, for the launcher's modules that read it (they take it as a Mapping)."""
+    return os.environ
+
+
+@contextlib.contextmanager
+def environ_overlay(extra: Mapping[str, str]) -> Iterator[None]:
+    """Set `extra` in this process's environment for the duration (children inherit it), then restore it."""
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def stop_marker_request(environ: Mapping[str, str]) -> Path | None:
+    """The file to touch when the launcher stops on a signal with a checkpoint, when a job script asked."""
+    value = environ.get(STOP_MARKER_VAR)
+    return Path(value) if value else None
 
 
 def _int(environ: Mapping[str, str], key: str, default: int) -> int:
@@ -68,20 +99,7 @@ class DistEnv:
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> "DistEnv":
         """Detect the environment; tests pass a dict."""
         environ = os.environ if environ is None else environ
-        launcher = dict(
-            device_type=environ.get(f"{ENV_PREFIX}DEVICE", "cpu") or "cpu",
-            seed=_int(environ, f"{ENV_PREFIX}SEED", -1) if environ.get(f"{ENV_PREFIX}SEED") else None,
-            precision=environ.get(f"{ENV_PREFIX}PRECISION", "no") or "no",
-            cpus_per_rank=_int(environ, f"{ENV_PREFIX}CPUS_PER_RANK", 0) or None,
-            run_dir=Path(environ[f"{ENV_PREFIX}RUN_DIR"]) if environ.get(f"{ENV_PREFIX}RUN_DIR") else None,
-            keep_global_batch=environ.get(f"{ENV_PREFIX}KEEP_GLOBAL_BATCH") == "1",
-            sync_bn=environ.get(f"{ENV_PREFIX}SYNC_BN") == "1",
-            hang_timeout=_int(environ, f"{ENV_PREFIX}HANG_TIMEOUT", 0),
-            resume_from=Path(environ[f"{ENV_PREFIX}RESUME"]) if environ.get(f"{ENV_PREFIX}RESUME") else None,
-            checkpoint_every=environ.get(f"{ENV_PREFIX}CHECKPOINT_EVERY", "none") or "none",
-            keep_checkpoints=_int(environ, f"{ENV_PREFIX}KEEP_CHECKPOINTS", 2),
-            instrument=environ.get(f"{ENV_PREFIX}INSTRUMENT", "1") != "0",
-        )
+        launcher = rank_settings(environ)  # the FASTLAUNCH_* variables (option_table.py)
         # 1 and 2 read the same variables: torchelastic sets the env:// set and more.
         if "RANK" in environ and "WORLD_SIZE" in environ:
             return cls(

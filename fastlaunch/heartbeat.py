@@ -6,6 +6,7 @@ second to tell a hung rank from ranks that only wait for it.
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -13,8 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Beat", "Heartbeat", "read_beats", "progress_file", "create", "install", "beat", "set_flag", "SLOT",
-           "IN_FIT", "WAITING", "REACHED_GROUP", "JOINING_GROUP", "IN_COLLECTIVE", "in_collective"]
+__all__ = ["Beat", "Heartbeat", "NoHeartbeat", "read_beats", "progress_file", "create", "open_slot", "SLOT",
+           "IN_FIT", "WAITING", "REACHED_GROUP", "JOINING_GROUP", "IN_COLLECTIVE"]
 
 # time, counter, pid, global rank, epoch, iter, flags (1: in a fit, 2: waiting in a known wait,
 # 4: reached the process group, 8: joining it, i.e. waiting for its peers, 16: inside a collective), event name
@@ -92,9 +93,18 @@ class Heartbeat:
         _PACKER.pack_into(self._map, self._offset, time.time(), self._counter, self._pid, self._rank,
                           self._epoch, self._iter, self._flags, self._event)
 
-    def set_flag(self, flag: int, on: bool) -> None:
+    def set_flag(self, flag: int, on: bool = True) -> None:
         self._flags = (self._flags | flag) if on else (self._flags & ~flag)
         self.beat()
+
+    @contextlib.contextmanager
+    def in_collective(self):
+        """Marks a blocking collective: a rank waiting in one waits for its peers, it is not the hung one."""
+        self.set_flag(IN_COLLECTIVE, True)
+        try:
+            yield
+        finally:
+            self.set_flag(IN_COLLECTIVE, False)
 
 
 def create(path: Path, local_ranks: int) -> None:
@@ -115,33 +125,23 @@ def read_beats(path: Path) -> list[Beat]:
     return beats
 
 
-_current: Heartbeat | None = None
+class NoHeartbeat:
+    """Stands in for a Heartbeat where the launcher made no progress file (a rank run by hand, tests)."""
+
+    def beat(self, event: str | None = None, epoch: int | None = None, iteration: int | None = None) -> None:
+        pass
+
+    def set_flag(self, flag: int, on: bool = True) -> None:
+        pass
+
+    def in_collective(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
 
-def install(run_dir: Path | None, local_rank: int, rank: int) -> None:
-    """Open this rank's slot, when the launcher made a progress file."""
-    global _current
-    if run_dir is not None and progress_file(run_dir).exists():
-        _current = Heartbeat(progress_file(run_dir), local_rank, rank)
-        _current.beat("starting the script")
-
-
-def beat(event: str | None = None, epoch: int | None = None, iteration: int | None = None) -> None:
-    """Publish progress (a no-op outside fastlaunch)."""
-    if _current is not None:
-        _current.beat(event, epoch, iteration)
-
-
-def set_flag(flag: int, on: bool = True) -> None:
-    if _current is not None:
-        _current.set_flag(flag, on)
-
-
-class in_collective:
-    """Marks a blocking collective: a rank waiting in one waits for its peers, it is not the hung one."""
-
-    def __enter__(self):
-        set_flag(IN_COLLECTIVE, True)
-
-    def __exit__(self, *exc):
-        set_flag(IN_COLLECTIVE, False)
+def open_slot(run_dir: Path | None, local_rank: int, rank: int) -> "Heartbeat | NoHeartbeat":
+    """This rank's slot when the launcher made a progress file, else a stand-in that records nothing."""
+    if run_dir is None or not progress_file(run_dir).exists():
+        return NoHeartbeat()
+    beats = Heartbeat(progress_file(run_dir), local_rank, rank)
+    beats.beat("starting the script")
+    return beats

@@ -1,5 +1,6 @@
-"""The launcher's options: one table, parsed from argv (by fire), from a YAML launch config, or from an
-accelerate config. Precedence: command line > --config file > --accelerate-config file > defaults."""
+"""The launcher's option values: from argv, from a YAML launch config, from an accelerate config, or from
+a run's launch.yaml (--resume). The options themselves are declared in option_table.py.
+Precedence: command line > --config file > --accelerate-config file > a resumed run > defaults."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,42 +9,25 @@ from typing import Any
 import yaml
 
 from .errors import UsageError
+from .option_table import LAUNCHER_OPTIONS, SLURM_KEYS, options_from_run
+from .parsing import parse_flags, switch_flags, value_flags
 
 __all__ = ["DEFAULTS", "VALUE_FLAGS", "BOOL_FLAGS", "parse_tokens", "load_launch_file", "load_accelerate_config",
            "merged_options", "options_of_run", "SLURM_KEYS"]
 
-DEFAULTS: dict[str, Any] = {
-    "gpus": "auto", "cpu": None, "precision": "no", "run_dir": None, "port": None, "max_restarts": 0,
-    "seed": None, "verbose": False, "keep_global_batch": False, "sync_bn": False, "nnodes": "1", "node_rank": None,
-    "rdzv_endpoint": None, "rdzv_id": None, "grace": 30, "hang_timeout": 600,
-    "checkpoint_every": "none", "keep_checkpoints": 2, "resume": None, "no_instrument": False, "config": None, "accelerate_config": None,
-}
-BOOL_FLAGS = tuple(f"--{k.replace('_', '-')}" for k, v in DEFAULTS.items() if isinstance(v, bool))
-VALUE_FLAGS = tuple(f"--{k.replace('_', '-')}" for k, v in DEFAULTS.items() if not isinstance(v, bool))
-# Keys a launch config may also hold for `fastlaunch slurm` (the job script, not the launch itself).
-SLURM_KEYS = ("nodes", "time", "partition", "cpus_per_rank", "grace", "job_name")
-
-
-def _given(tokens: list[str]) -> set[str]:
-    """Option names written on the command line."""
-    return {t.split("=", 1)[0][2:].replace("-", "_") for t in tokens if t.startswith("--")}
+DEFAULTS: dict[str, Any] = {o.name: o.default for o in LAUNCHER_OPTIONS}
+BOOL_FLAGS = switch_flags(LAUNCHER_OPTIONS)
+VALUE_FLAGS = value_flags(LAUNCHER_OPTIONS)
+_CONFIG_KEYS = tuple(o.name for o in LAUNCHER_OPTIONS if o.config_key)
 
 
 def parse_tokens(tokens: list[str]) -> tuple[dict[str, Any], set[str]]:
-    """fire turns the launcher's tokens into typed values; also return which options were given."""
-    import fire
-
-    parsed: dict = {}
-
-    def _options(**kwargs):
-        parsed.update(kwargs)
-
-    fire.Fire(_options, command=tokens, name="fastlaunch")
-    opts = {**DEFAULTS, **{k.replace("-", "_"): v for k, v in parsed.items()}}
-    for flag in BOOL_FLAGS:  # fire reads --no-x as x=False: booleans are taken from the tokens themselves
-        key = flag[2:].replace("-", "_")
-        opts[key] = flag in tokens
-    return opts, _given(tokens)
+    """The launcher's tokens as typed values over the defaults; also which options were given."""
+    given, rest = parse_flags(LAUNCHER_OPTIONS, tokens)
+    if rest:
+        raise UsageError("unknown launcher flag before the script", rest[0],
+                         "see `fastlaunch --help`; flags meant for the script go after the script path")
+    return {**DEFAULTS, **given}, set(given)
 
 
 def _read_yaml(path: str, flag: str) -> dict:
@@ -63,7 +47,7 @@ def _read_yaml(path: str, flag: str) -> dict:
 def load_launch_file(path: str, extra_keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """A fastlaunch YAML launch config: the command line's keys (dashes or underscores)."""
     data = {str(k).replace("-", "_"): v for k, v in _read_yaml(path, "--config").items()}
-    valid = [k for k in DEFAULTS if k not in ("config", "accelerate_config")] + list(extra_keys)
+    valid = list(_CONFIG_KEYS) + list(extra_keys)
     unknown = sorted(set(data) - set(valid))
     if unknown:
         where = " (a `fastlaunch slurm` key)" if set(unknown) & set(SLURM_KEYS) else ""
@@ -96,14 +80,7 @@ def load_accelerate_config(path: str) -> dict[str, Any]:
 
 def options_of_run(saved: dict[str, Any]) -> dict[str, Any]:
     """The options that made a run, from its launch.yaml (for --resume)."""
-    opts = {("cpu" if saved["device"] == "cpu" else "gpus"): saved["nproc_per_node"]}
-    for key in ("precision", "seed", "keep_global_batch", "sync_bn", "grace", "hang_timeout", "checkpoint_every",
-                "keep_checkpoints", "max_restarts", "node_rank", "rdzv_endpoint", "rdzv_id"):
-        if saved.get(key) is not None:
-            opts[key] = saved[key]
-    lo, hi = saved.get("min_nodes", 1), saved.get("max_nodes", 1)
-    opts["nnodes"] = str(hi) if lo == hi else f"{lo}:{hi}"
-    return opts
+    return options_from_run(saved)
 
 
 def merged_options(tokens: list[str], extra_keys: tuple[str, ...] = (),

@@ -1,7 +1,6 @@
 """Launcher options -> LaunchConfig: ranks per node, device, nodes and rendezvous (Slurm filled in)."""
 from __future__ import annotations
 
-import os
 import secrets
 import sys
 import zlib
@@ -10,7 +9,7 @@ from typing import Any, Callable, Mapping
 
 from .config import LaunchConfig, Precision
 from .device import GpuProbe, bf16_supported, probe_gpus, usable_cores
-from .env import SlurmFacts
+from .env import SlurmFacts, launcher_environ
 from .errors import UsageError
 
 __all__ = ["build_config", "count"]
@@ -156,7 +155,7 @@ def build_config(opts: dict, given: set[str], script: str, script_args: list[str
                  bf16_probe: Callable[[], bool] | None = None, environ: Mapping[str, str] | None = None,
                  resolve_endpoint: Callable[[SlurmFacts], str] | None = None) -> LaunchConfig:
     """Validate the options and the script; no side effects but the GPU probe (and scontrol under Slurm)."""
-    environ = os.environ if environ is None else environ
+    environ = launcher_environ() if environ is None else environ
     probe, bf16_probe = probe or probe_gpus, bf16_probe or bf16_supported
     path = Path(script)
     _check_script(path, script)

@@ -8,6 +8,8 @@ from string import Template
 from typing import Sequence
 
 from .errors import UsageError
+from .option_table import Option
+from .parsing import option_rows, parse_flags, wants_help
 from .resources import data_path
 
 __all__ = ["TEMPLATES", "template_files", "create_project", "new_main"]
@@ -15,12 +17,15 @@ __all__ = ["TEMPLATES", "template_files", "create_project", "new_main"]
 TEMPLATES = ("minimal", "vision", "tabular", "text")
 _COMMON = ("README.md", "launch.yaml", "test_smoke.py")
 
-NEW_HELP = """\
+NEW_OPTIONS = (Option("template", "minimal", f"{' | '.join(TEMPLATES)} (default minimal)", "NAME", aliases=("-t",)),
+               Option("force", False, "overwrite the template's own files (others stay)"))
+NEW_HELP = f"""\
 usage: fastlaunch new DIR [--template minimal|vision|tabular|text] [--force]
 
 Creates DIR with train.py (an ordinary fastai script), README.md, launch.yaml and test_smoke.py.
 Existing files are never overwritten; --force overwrites the template's own files only.
-"""
+
+{option_rows(NEW_OPTIONS, 21)}"""
 
 
 def template_files(template: str, project: str) -> dict[str, str]:
@@ -54,20 +59,13 @@ def create_project(target: Path, template: str = "minimal", force: bool = False)
 def new_main(argv: Sequence[str]) -> int:
     """`fastlaunch new`: exit 0, or 2 with a HINT for bad input."""
     args = list(argv)
-    if not args or args[0] in ("-h", "--help"):
+    if not args or wants_help(args):
         print(NEW_HELP, end="")
         return 0
     try:
-        force = "--force" in args
-        args = [a for a in args if a != "--force"]
-        template = "minimal"
-        for flag in ("--template", "-t"):
-            if flag in args:
-                i = args.index(flag)
-                if i + 1 >= len(args):
-                    raise UsageError("--template needs a name", "nothing", f"use one of: {', '.join(TEMPLATES)}")
-                template = args[i + 1]
-                del args[i:i + 2]
+        given, args = parse_flags(NEW_OPTIONS, args, "fastlaunch new", needs_value=lambda flag: UsageError(
+            "--template needs a name", "nothing", f"use one of: {', '.join(TEMPLATES)}"))
+        template, force = given.get("template", "minimal"), given.get("force", False)
         if len(args) != 1 or args[0].startswith("-"):
             raise UsageError("fastlaunch new takes one directory", " ".join(args) or "nothing",
                              "fastlaunch new my_project --template vision")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import itertools
 import math
 import random
 
@@ -22,9 +21,6 @@ from torch.utils.data import BatchSampler, IterableDataset, RandomSampler, Seque
 from .errors import UsageError
 
 __all__ = ["ShardedDL", "shard_indices", "shard_sizes", "batch_shards"]
-
-_instances = itertools.count()  # the same sequence on every rank: every rank wraps the same loaders
-
 
 def shard_sizes(n: int, world: int, bs: int, drop_last: bool) -> tuple[int, int]:
     """(items per rank, padding items added overall) for n items."""
@@ -128,15 +124,20 @@ def _lm_for_ranks(dl, per_rank_bs: int, world: int, evaluation: bool):
 
 
 class ShardedDL(TfmdDL):
-    """Wraps a DataLoader; every epoch all ranks agree on one shuffled order and each takes its share."""
+    """Wraps a DataLoader; every epoch all ranks agree on one shuffled order and each takes its share.
+
+    Rank, world size and seed come from the arguments, else from the rank context (`ctx`, passed or bound
+    on the class a script's DistributedDL names): the context's loader numbers advance alike on every rank."""
+
+    ctx = None
 
     def __init__(self, dl, rank: int | None = None, world_size: int | None = None, device=None,
-                 seed: int | None = None, bs: int | None = None, evaluation: bool = False):
-        from .comm import broadcast_object, current_env
-
-        denv = current_env()
-        rank = denv.rank if rank is None else rank
-        world_size = denv.world_size if world_size is None else world_size
+                 seed: int | None = None, bs: int | None = None, evaluation: bool = False, ctx=None):
+        ctx = ctx if ctx is not None else type(self).ctx
+        if ctx is None and (rank is None or world_size is None or seed is None):
+            raise TypeError("ShardedDL needs rank, world_size and seed, or a rank context")
+        rank = ctx.env.rank if rank is None else rank
+        world_size = ctx.env.world_size if world_size is None else world_size
         if isinstance(dl, torch.utils.data.DataLoader):
             dl = _from_torch(dl)
         # evaluation (not of a language model, sharded by streams) deals out one process's whole batches
@@ -150,8 +151,8 @@ class ShardedDL(TfmdDL):
             raise UsageError("a DataLoader of unknown length cannot be sharded", type(dl.dataset).__name__,
                              "give the dataset a __len__")
         if seed is None:  # agreed without a collective when the launcher chose a seed
-            seed = (denv.seed * 1_000_003 + next(_instances)) if denv.seed is not None else \
-                broadcast_object(random.getrandbits(31))
+            seed = (ctx.env.seed * 1_000_003 + next(ctx.loader_numbers)) if ctx.env.seed is not None else \
+                ctx.comm.broadcast_object(random.getrandbits(31))
         self.dl, self.rank, self.world_size, self.seed, self.epoch = dl, rank, world_size, seed, 0
         self.skip_batches = 0  # set when resuming mid-epoch: the next epoch starts after these batches
         self.bs = dl.bs or 1

@@ -80,14 +80,18 @@ def _dataloader_workers_ignore_stop_signals() -> None:
     signal_handling._set_worker_signal_handlers = _set_worker_signal_handlers
 
 
-def _on_stop_signal(signum, frame) -> None:
+def stop_signal_handler(ctx):
     """SIGTERM/SIGUSR1: inside a distributed fit, ask every rank to stop at one batch and checkpoint;
     elsewhere, leave now with the 'stopped by a signal' status."""
-    agreement = sys.modules.get("fastlaunch.callbacks.agreement")  # loaded once fastai is integrated
-    state = agreement.active_state() if agreement is not None else None
-    if state is None:
-        raise SystemExit(STOPPED_BY_SIGNAL)
-    state.request(agreement.Preempted)
+    def on_stop_signal(signum, frame) -> None:
+        channel = ctx.active_stop()
+        if channel is None:
+            raise SystemExit(STOPPED_BY_SIGNAL)
+        from .stopchannel import Preempted  # loaded already: a channel exists
+
+        channel.request(Preempted)
+
+    return on_stop_signal
 
 
 def _exit_code(code: object) -> int:
@@ -124,24 +128,26 @@ def _run_script(script: str, args: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Bootstrap this rank, run the script, tear down; return the script's status."""
     argv = sys.argv[1:] if argv is None else argv
-    from . import comm
+    from .context import RankContext
     from .device import rank_device
+    from .env import DistEnv
+    from .heartbeat import open_slot
     from .seeding import seed_everything
 
-    denv = comm.current_env()
+    denv = DistEnv.from_environ()
     launcher_pid = os.environ.get("FASTLAUNCH_LAUNCHER_PID")
     arm_parent_death(int(launcher_pid) if launcher_pid else None)
     faulthandler.register(signal.SIGUSR2, all_threads=True)  # the launcher asks a hung rank for its stack
+    ctx = RankContext(denv, open_slot(denv.run_dir, denv.local_rank, denv.rank))
     for sig in (signal.SIGTERM, signal.SIGUSR1):  # the engine forwards these: stop at an agreed batch
-        signal.signal(sig, _on_stop_signal)
+        signal.signal(sig, stop_signal_handler(ctx))
     _dataloader_workers_ignore_stop_signals()
-    from . import heartbeat
-
-    heartbeat.install(denv.run_dir, denv.local_rank, denv.rank)
     rank_device(denv.device_type, denv.local_rank)  # fastai's default_device() is now this rank's GPU
     if denv.seed is not None:
         seed_everything(denv.seed)
-    comm.install_init_guard()
+    import torch.distributed as dist
+
+    dist.init_process_group = ctx.comm.guarded_init()  # a script's own init joins fastlaunch's group
     if denv.rank != 0:
         os.environ["WANDB_MODE"] = "disabled"  # wandb.init() in a script would open one run per rank
     from .quiet import quiet_dependency_warnings
@@ -152,9 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass  # a plain torch script: nothing to integrate
     else:
+        from .errors import UsageError
         from .integrate import install
 
-        install()
+        try:
+            install(ctx)
+        except UsageError as exc:  # an unsupported fastai: one line, before the script
+            print(exc, file=sys.stderr)
+            _record_failure(exc, exc.exit_code)
+            return exc.exit_code
     if denv.world_size > 1:
         # DDP's constructor imports torch._dynamo: seconds when cold, on a busy machine more than a short
         # --hang-timeout. Paid here, before the script, rather than inside a fit the hang watch times.
@@ -164,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         status = _run_script(argv[0], argv[1:])
     finally:
         try:
-            comm.shutdown()  # without this a gloo rank can exit by SIGABRT after an uncaught exception
+            ctx.comm.shutdown()  # without this a gloo rank can exit by SIGABRT after an uncaught exception
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

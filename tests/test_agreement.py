@@ -5,12 +5,12 @@ import pytest
 import torch
 from fastai.callback.core import CancelEpochException, CancelFitException, CancelTrainException
 
-from fastlaunch.callbacks.agreement import Preempted, StopState
+from fastlaunch.stopchannel import Preempted, StopChannel
 from fastlaunch.callbacks.metrics import interleave
 
 
 def test_most_severe_request_wins_and_is_marked_agreed():
-    state = StopState(torch.device("cpu"))
+    state = StopChannel(torch.device("cpu"))
     state.request(CancelTrainException)
     state.request(CancelFitException)
     assert state.outgoing().tolist() == [0.0, 1.0, 0.0, 1.0]  # preempt, fit, epoch, train
@@ -20,7 +20,7 @@ def test_most_severe_request_wins_and_is_marked_agreed():
 
 
 def test_stops_not_allowed_at_a_point_are_dropped():
-    state = StopState(torch.device("cpu"))
+    state = StopChannel(torch.device("cpu"))
     state.request(CancelTrainException)
     state.agree([0.0, 0.0, 0.0, 1.0], allowed=(CancelFitException, CancelEpochException))  # training is over
     assert state.pending == [0, 0, 0, 0]
@@ -28,7 +28,7 @@ def test_stops_not_allowed_at_a_point_are_dropped():
 
 
 def test_a_preemption_waits_for_a_batch_boundary_or_the_epoch_end_then_checkpoints_and_leaves():
-    state = StopState(torch.device("cpu"))
+    state = StopChannel(torch.device("cpu"))
     written = []
     state.on_preempt = written.append
     state.request(Preempted)
@@ -40,7 +40,7 @@ def test_a_preemption_waits_for_a_batch_boundary_or_the_epoch_end_then_checkpoin
 
 
 def test_flags_carried_by_backward_are_read_once():
-    state = StopState(torch.device("cpu"))
+    state = StopChannel(torch.device("cpu"))
     assert state.take_received() is None
     state.receive(torch.tensor([0.0, 0.0, 1.0, 0.0]))
     assert state.take_received() == [0.0, 0.0, 1.0, 0.0]

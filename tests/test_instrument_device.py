@@ -75,15 +75,13 @@ def test_host_clock_on_cpu_ranks():
 
 
 @pytest.fixture
-def counter(monkeypatch):
-    mine = syncs.SyncCounter("cuda")  # not installed: only its source is read by the audit
-    monkeypatch.setattr(syncs, "counter", mine)
-    return mine
+def counter():
+    return syncs.SyncCounter("cuda")  # not installed: only its source is read by the audit
 
 
 def test_sync_audit_counts_cuda_warnings_per_step_by_source_then_puts_everything_back(counter):
     torch_mod, cuda = _fake_torch()
-    audit = SyncAudit("cuda", steps=2, torch_mod=torch_mod)
+    audit = SyncAudit("cuda", steps=2, torch_mod=torch_mod, source=lambda: counter.source)
     with warnings.catch_warnings(record=True) as seen:  # what shows warnings before the audit
         warnings.simplefilter("always")
         filters_before = list(warnings.filters)
@@ -213,8 +211,9 @@ def test_instrument_on_a_fake_gpu_rank_times_with_events_and_audits_only_the_fir
     torch_mod, cuda = _fake_torch()
     inst = Instrument()
     inst.learn = types.SimpleNamespace(training=True, dl=list(range(6)), epoch=0)
-    inst._on, inst._audit_due = True, True
-    inst._clock, inst._audit = Clock("cuda", torch_mod=torch_mod), SyncAudit("cuda", steps=3, torch_mod=torch_mod)
+    inst._on, inst._audit_due, inst._counter = True, True, counter
+    inst._clock = Clock("cuda", torch_mod=torch_mod)
+    inst._audit = SyncAudit("cuda", steps=3, torch_mod=torch_mod, source=lambda: counter.source)
     records = []
     for epoch in range(2):
         inst.before_train()

@@ -10,12 +10,21 @@ from torch import nn
 
 from fastlaunch import integrate
 from fastlaunch.callbacks import CALLBACKS, DistributedFit, RankZeroOutput
-from fastlaunch.callbacks.placement import in_real_fit
+from fastlaunch.context import RankContext
+from fastlaunch.env import DistEnv
 
 
-@pytest.fixture(scope="module", autouse=True)
-def installed():
-    integrate.install()
+def _context() -> RankContext:
+    return RankContext(DistEnv.from_environ({}))
+
+
+@pytest.fixture
+def ctx():
+    """Every test installs fastlaunch into fastai for its own rank context, and takes it out after."""
+    context = _context()
+    installation = integrate.install(context)
+    yield context
+    installation.uninstall()
 
 
 def _x(i): return torch.tensor([float(i % 3), float(i % 5)])
@@ -28,28 +37,87 @@ def _learner(*cbs):
 
 
 class FitKinds(Callback):
-    def __init__(self): self.kinds = []
-    def before_fit(self): self.kinds.append(in_real_fit(self.learn))
+    def __init__(self, ctx): self.ctx, self.kinds = ctx, []
+    def before_fit(self):
+        run = self.ctx.fit_of(self.learn)
+        self.kinds.append(None if run is None else run.index)
 
 
-def test_every_learner_gets_fastlaunch_callbacks_once():
+def test_every_learner_gets_fastlaunch_callbacks_once_bound_to_the_context(ctx):
     learn = _learner()
     assert sum(isinstance(cb, DistributedFit) for cb in learn.cbs) == 1
     assert sum(isinstance(cb, RankZeroOutput) for cb in learn.cbs) == 1
-    integrate.install()  # idempotent
-    assert sum(isinstance(cb, DistributedFit) for cb in _learner().cbs) == 1
+    assert all(cb.ctx is ctx for cb in learn.cbs if isinstance(cb, CALLBACKS))
 
 
-def test_real_fits_are_told_apart_from_validate_and_get_preds():
-    probe = FitKinds()
+def test_real_fits_are_numbered_and_told_apart_from_validate_and_get_preds_and_nothing_stays_on_the_learner(ctx):
+    probe = FitKinds(ctx)
     learn = _learner(probe)
+    before = set(vars(learn))
     learn.fit(1)
     learn.validate()
     learn.get_preds()
-    assert probe.kinds == [True, False, False]
+    learn.fit(1)
+    assert probe.kinds == [0, None, None, 1]
+    assert ctx.fit_of(learn) is None  # the fit run is closed when fit returns
+    assert not [k for k in set(vars(learn)) - before if "fastlaunch" in k]
 
 
-def test_maybe_gather_keeps_tensors_local(monkeypatch):
+def _fastai_names() -> dict:
+    """Every attribute of every loaded fastai/fastcore/fastdownload module and of the classes they define,
+    of torch.Tensor and torch.distributed: (owner, name) -> the object bound there."""
+    import sys
+    import types
+
+    import torch.distributed as dist
+
+    owners = [torch.Tensor, dist]
+    for name, mod in list(sys.modules.items()):
+        if name.split(".")[0] in ("fastai", "fastcore", "fastdownload") and isinstance(mod, types.ModuleType):
+            owners.append(mod)
+            owners += [v for v in vars(mod).values() if isinstance(v, type)]
+    from fastcore.basics import defaults
+    owners.append(defaults)
+    names = {}
+    for owner in owners:
+        for key, value in list(vars(owner).items()):
+            names[(id(owner), key)] = value
+    return names
+
+
+def test_install_then_uninstall_restores_every_name(tmp_path):
+    from fastcore.basics import defaults
+
+    fresh = RankContext(DistEnv.from_environ({"FASTLAUNCH_RUN_DIR": str(tmp_path)}))  # measured: syncs counted
+    baseline, default_cbs = _fastai_names(), list(defaults.callbacks)
+    installation = integrate.install(fresh)
+    assert not installation.undeclared(), installation.undeclared()  # each patch sets only what it declares
+    learn = _learner()
+    learn.fit(1)
+    assert fresh.syncs is not None and (tmp_path / "metrics" / "rank0.jsonl").exists()
+    changed = {k for k, v in _fastai_names().items() if baseline.get(k, object()) is not v}
+    assert len(changed) >= 30  # fastai's fit, dispatch, export, DistributedDL, maybe_gather, ...
+    installation.uninstall()
+    after = _fastai_names()
+    assert {k for k in baseline if after.get(k, object()) is not baseline[k]} == set()
+    assert set(after) == set(baseline)
+    assert defaults.callbacks == default_cbs
+
+
+@pytest.mark.parametrize("version, ok", [("2.8.0", True), ("2.8.12", True), ("2.7.19", False), ("2.9.0", False),
+                                         ("3.0", False), ("dev", False)])
+def test_an_unsupported_fastai_is_refused_with_a_hint(version, ok):
+    from fastlaunch.errors import UsageError
+
+    if ok:
+        integrate.check_fastai_version(version)
+        return
+    with pytest.raises(UsageError) as err:
+        integrate.check_fastai_version(version)
+    assert f"fastai {version}" in str(err.value) and "pip install 'fastai>=2.8,<2.9'" in str(err.value)
+
+
+def test_maybe_gather_keeps_tensors_local(ctx, monkeypatch):
     import fastai.torch_core as tc
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # fastai's own version would all_gather here
@@ -58,7 +126,7 @@ def test_maybe_gather_keeps_tensors_local(monkeypatch):
     assert torch.equal(tc.to_detach(x), x)
 
 
-def test_to_distributed_and_distrib_ctx_do_not_wrap_twice():
+def test_to_distributed_and_distrib_ctx_do_not_wrap_twice(ctx):
     learn = _learner()
     n = len(learn.cbs)
     assert learn.to_distributed() is learn and len(learn.cbs) == n
@@ -67,15 +135,15 @@ def test_to_distributed_and_distrib_ctx_do_not_wrap_twice():
     assert learn.detach_distributed() is learn
 
 
-def test_distributed_dl_name_gives_sharded_dl():
+def test_distributed_dl_name_gives_sharded_dl(ctx):
     import fastai.distributed as fd
 
     from fastlaunch.sharding import ShardedDL
 
-    assert fd.DistributedDL is ShardedDL
+    assert issubclass(fd.DistributedDL, ShardedDL) and fd.DistributedDL.ctx is ctx
 
 
-def test_export_leaves_fastlaunch_out_and_load_learner_gets_it_back(tmp_path):
+def test_export_leaves_fastlaunch_out_and_load_learner_gets_it_back(ctx, tmp_path):
     learn = _learner()
     learn.path = tmp_path
     learn.export("model.pkl")

@@ -3,7 +3,6 @@ import torch
 import torch.distributed as dist
 from fastai.basics import Callback
 
-from fastlaunch.instrument import syncs as fastlaunch_syncs
 from fastlaunch.instrument.syncs import SyncCounter
 
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "gather_object", "broadcast",
@@ -27,8 +26,9 @@ class Counts(Callback):
         self.collectives, self.steps, self.active = 0, 0, False
         self.syncs = SyncCounter("cuda" if torch.cuda.is_available() else "cpu")
         self.syncs.install()
-        if fastlaunch_syncs.counter is None:  # under fastlaunch: its attribution and exclusions apply
-            fastlaunch_syncs.counter = self.syncs
+        ctx = next((cb.ctx for cb in learn.cbs if type(cb).__module__.startswith("fastlaunch.")), None)
+        if ctx is not None and ctx.syncs is None:  # under fastlaunch: its attribution and exclusions apply
+            ctx.syncs = self.syncs
         for name in _COLLECTIVES:
             original = getattr(dist, name)
 

@@ -7,9 +7,7 @@ import timeit
 import torch
 from fastai.basics import Callback
 
-from fastlaunch import heartbeat
 from fastlaunch.callbacks.instrument import Instrument, TimedLoader
-from fastlaunch.instrument import syncs
 
 _TENSOR = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__")
 
@@ -83,7 +81,7 @@ class HookCost(Callback):
         items = list(range(1000))
         ns_next = max(0.0, (_best_ns(lambda: sum(1 for _ in TimedLoader(items, [])), number=200)
                             - _best_ns(lambda: sum(1 for _ in items), number=200)) / len(items))
-        counter = syncs.counter
+        counter = inst._counter
         ns_source = _best_ns(lambda: setattr(counter, "source", "x"))
         dispatched = (len(learn.cbs) - 2) * len(step_events)  # callback calls per step, less these two
         per_step = {"instrument events": len(step_events), "tensor wrapper calls": self.tensor_calls / steps,
@@ -92,6 +90,7 @@ class HookCost(Callback):
                    "loader next calls": ns_next, "sync-source names set": ns_source}
         total = sum(per_step[k] * ns_each[k] for k in per_step)
         # Not instrumentation, on with or without it: the heartbeat the hang watch reads, one per callback call.
-        ns_beat = _best_ns(lambda: heartbeat.beat("Recorder.after_batch", 0, 1))
+        beat = inst.ctx.beats.beat
+        ns_beat = _best_ns(lambda: beat("Recorder.after_batch", 0, 1))
         return {"hooks": {"per_step": per_step, "ns_each": ns_each, "ns_per_step": total, "beats_per_step": dispatched,
                           "ns_per_beat": ns_beat, "when": time.time()}}

@@ -7,6 +7,8 @@ cost a quarter of a millisecond per step. Each class knows the events it handles
 """
 from __future__ import annotations
 
+from typing import Any
+
 from fastai.callback.core import Callback, event
 
 __all__ = ["LeanCallback"]
@@ -15,9 +17,11 @@ _EVENTS = tuple(name for name in vars(event) if not name.startswith("_"))  # fas
 
 
 class LeanCallback(Callback):
-    """A fastai Callback whose events it does not define cost one set lookup."""
+    """A fastai Callback whose events it does not define cost one set lookup. `ctx` is the rank context
+    (context.py), set on the class fastai instantiates by context.bind at install."""
 
     _handles: frozenset = frozenset()
+    ctx: Any = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -7,54 +7,45 @@ random state, so the planned epochs end as planned.
 """
 from __future__ import annotations
 
-import itertools
 import json
 from functools import partial
 
 import torch
 
 from .. import checkpoint
-from ..comm import broadcast_object, current_env, is_rank_zero
 from ..config import stop_marker
-from .agreement import stop_state
 from .base import LeanCallback
 from .placement import DistributedFit
 
-__all__ = ["begin_fit", "ResumeFit", "EpochCheckpoints", "preempt_writer"]
-
-_fits = itertools.count()
-_plan: dict | None = None
-_plan_loaded = False
+__all__ = ["resume_callbacks", "ResumeFit", "EpochCheckpoints", "preempt_writer"]
 
 
-def _resume_plan() -> dict | None:
-    """The checkpoint to resume from: FASTLAUNCH_RESUME, or the newest one after an automatic restart."""
-    global _plan, _plan_loaded
-    if not _plan_loaded:
-        _plan_loaded = True
-        denv = current_env()
+def _resume_plan(ctx) -> dict | None:
+    """The checkpoint to resume from: FASTLAUNCH_RESUME, or the newest one after an automatic restart.
+    Read once per process; kept on the context until the fit it resumes takes it."""
+    if not ctx.resume_read:
+        ctx.resume_read = True
+        denv = ctx.env
         path = denv.resume_from
         if path is None and denv.restart_count > 0 and denv.run_dir is not None:
-            path = checkpoint.latest(denv.run_dir, say=print if is_rank_zero() else None)
+            path = checkpoint.latest(denv.run_dir, say=print if ctx.is_rank_zero else None)
         if path is not None:
-            _plan = checkpoint.load(path)
-            if is_rank_zero():
-                print(f"fastlaunch: resuming from {path} (fit {_plan['fit_index']}, epoch {_plan['epoch']}, "
-                      f"{_plan['iter']} batches done)", flush=True)
-    return _plan
+            ctx.resume_plan = checkpoint.load(path)
+            plan = ctx.resume_plan
+            ctx.say(f"fastlaunch: resuming from {path} (fit {plan['fit_index']}, epoch {plan['epoch']}, "
+                    f"{plan['iter']} batches done)")
+    return ctx.resume_plan
 
 
-def begin_fit(learn) -> list:
-    """Number this fit; return the callbacks it needs to resume, or None when it was finished before."""
-    global _plan
-    index = next(_fits)
-    learn._fastlaunch_fit_index = index
-    plan = _resume_plan()
-    if plan is None or index > plan["fit_index"]:
+def resume_callbacks(ctx, run) -> list | None:
+    """The callbacks this fit needs to resume, or None when it had ended before the checkpoint."""
+    plan = _resume_plan(ctx)
+    if plan is None or run.index > plan["fit_index"]:
         return []
-    if index < plan["fit_index"]:
+    if run.index < plan["fit_index"]:
         return None  # this fit had ended before the checkpoint: its result is in the checkpoint's weights
-    _plan = None  # consumed
+    ctx.resume_plan = None  # consumed
+    run.start_epoch = plan["epoch"]
     return [ResumeFit(plan)]
 
 
@@ -71,7 +62,6 @@ class ResumeFit(LeanCallback):
         model.load_state_dict(plan["model"])
         self.learn.opt.load_state_dict(plan["opt"])
         checkpoint.set_rng(plan["rng"])
-        self.learn._fastlaunch_start_epoch = plan["epoch"]
 
     def before_epoch(self):
         if self._epoch_restored:
@@ -104,28 +94,26 @@ class ResumeFit(LeanCallback):
         self.learn.train_iter = self.epoch * n_iter + done
 
     def after_fit(self):
-        self.learn._fastlaunch_start_epoch = 0
         if not self._epoch_restored:  # stopped in its last epoch's validation: no epoch is left to run
             self._restore_recorder()
 
 
-def preempt_writer(learn, position: str) -> None:
+def preempt_writer(ctx, learn, position: str) -> None:
     """Every rank averages the epoch's smoothed losses so far (as the epoch's end would: the running
     average is linear, so ranks resuming from the average end the epoch with the uninterrupted figures);
     rank 0 writes checkpoints/preempt.pt where every rank agreed to stop; every rank learns whether it was
     written and leaves a stop marker in its node's logs (the launcher exits 75 only when it was)."""
-    sync, state = getattr(learn, "recorder_sync", None), stop_state(learn)
-    if position == "batch" and sync is not None and state is not None:
-        sync.sync(state, with_metrics=False)
-    denv = current_env()
+    sync, channel, run = getattr(learn, "recorder_sync", None), ctx.stop_of(learn), ctx.fit_of(learn)
+    if position == "batch" and sync is not None and channel is not None:
+        sync.sync(channel, with_metrics=False)
+    denv = ctx.env
     path = None
-    if is_rank_zero():
+    if ctx.is_rank_zero:
         epoch, done = (learn.epoch, learn.iter) if position == "batch" else (learn.epoch + 1, 0)
-        path = checkpoint.save(checkpoint.snapshot(learn, learn._fastlaunch_fit_index, epoch, done, denv.seed),
-                               denv.run_dir, "preempt")
+        path = checkpoint.save(checkpoint.snapshot(learn, run.index, epoch, done, denv.seed), denv.run_dir, "preempt")
         if path is not None:  # else save said why
-            print(f"fastlaunch: stopped by a signal; checkpoint {path}", flush=True)
-    written = broadcast_object(None if path is None else str(path))
+            ctx.say(f"fastlaunch: stopped by a signal; checkpoint {path}")
+    written = ctx.comm.broadcast_object(None if path is None else str(path))
     if denv.run_dir is not None:
         marker = stop_marker(denv.run_dir / "logs", denv.rank)
         marker.write_text(json.dumps({"checkpoint": written, "position": position}))
@@ -137,16 +125,15 @@ class EpochCheckpoints(LeanCallback):
     order = 210  # after every tracker and after the agreed stop
 
     def before_fit(self):
-        state = getattr(self.learn, "_fastlaunch_stop", None)
-        if state is not None:
-            state.on_preempt = partial(preempt_writer, self.learn)
+        channel = self.ctx.stop_of(self.learn)
+        if channel is not None:
+            channel.on_preempt = partial(preempt_writer, self.ctx, self.learn)
 
     def after_epoch(self):
-        denv = current_env()
-        if denv.checkpoint_every != "epoch" or not is_rank_zero() or denv.run_dir is None:
+        ctx, run = self.ctx, self.ctx.fit_of(self.learn)
+        denv = ctx.env
+        if denv.checkpoint_every != "epoch" or not ctx.is_rank_zero or denv.run_dir is None or run is None:
             return
-        if not hasattr(self.learn, "_fastlaunch_fit_index"):
-            return
-        state = checkpoint.snapshot(self.learn, self.learn._fastlaunch_fit_index, self.epoch + 1, 0, denv.seed)
-        checkpoint.save(state, denv.run_dir, f"epoch{self.learn._fastlaunch_fit_index}-{self.epoch}")
+        state = checkpoint.snapshot(self.learn, run.index, self.epoch + 1, 0, denv.seed)
+        checkpoint.save(state, denv.run_dir, f"epoch{run.index}-{self.epoch}")
         checkpoint.keep_last(denv.run_dir, denv.keep_checkpoints)

@@ -11,13 +11,11 @@ from __future__ import annotations
 import json
 import time
 
-from .. import comm
 from ..device import probe_gpus
 from ..instrument import memory, syncs
 from ..instrument.audit import SyncAudit
 from ..instrument.timing import Clock
 from .base import LeanCallback
-from .placement import in_real_fit
 
 __all__ = ["Instrument", "TimedLoader"]
 
@@ -25,12 +23,12 @@ __all__ = ["Instrument", "TimedLoader"]
 class TimedLoader:
     """Wraps a DataLoader; records how long each `next` waits (the data wait, measured at the loader)."""
 
-    def __init__(self, dl, waits: list):
-        self._dl, self._waits = dl, waits
+    def __init__(self, dl, waits: list, counter: syncs.SyncCounter | None = None):
+        self._dl, self._waits, self._counter = dl, waits, counter
 
     def __iter__(self):
         it = iter(self._dl)
-        counter = syncs.counter
+        counter = self._counter
         while True:
             start = time.perf_counter()
             if counter is not None:
@@ -59,18 +57,20 @@ class Instrument(LeanCallback):
     _on = False  # measuring this fit (set in before_fit)
 
     def before_fit(self):
-        denv = comm.current_env()
-        self._on = denv.instrument and in_real_fit(self.learn) and denv.run_dir is not None
+        ctx = self.ctx
+        denv = ctx.env
+        self._on = denv.instrument and ctx.fit_of(self.learn) is not None and denv.run_dir is not None
         if not self._on:
             return
-        if syncs.counter is None:
-            syncs.counter = syncs.SyncCounter(denv.device_type)
-            syncs.counter.install()
+        if ctx.syncs is None:
+            ctx.syncs = syncs.SyncCounter(denv.device_type)
+            ctx.syncs.install()
+        self._counter = ctx.syncs
         self._path = denv.run_dir / "metrics" / f"rank{denv.rank}.jsonl"
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._visible = probe_gpus().count if denv.device_type == "cpu" else None
         self._clock = Clock(denv.device_type)
-        self._audit = SyncAudit(denv.device_type)  # the first epoch of each fit, GPU ranks only
+        self._audit = SyncAudit(denv.device_type, source=lambda: self._counter.source)  # first epoch, GPU ranks
         self._audit_due = True
         self._nvml = memory.open_nvml() if denv.device_type == "cuda" else None
 
@@ -79,12 +79,12 @@ class Instrument(LeanCallback):
             return
         self._waits, self._steps, self._started, self._audited = [], 0, False, {}
         self._clock.reset()
-        syncs.counter.take()
-        self.learn.dl = TimedLoader(self.learn.dl, self._waits)
+        self._counter.take()
+        self.learn.dl = TimedLoader(self.learn.dl, self._waits, self._counter)
 
     def before_batch(self):
         if self._on and self.training and self._started:
-            syncs.counter.counting = True  # steady state: the epoch's first step is left out
+            self._counter.counting = True  # steady state: the epoch's first step is left out
 
     def before_backward(self):
         if self._on and self._started:
@@ -97,7 +97,7 @@ class Instrument(LeanCallback):
     def after_batch(self):
         if not self._on or not self.training:
             return
-        syncs.counter.counting = False
+        self._counter.counting = False
         if not self._started:
             self._started = True
             self._clock.begin("window")
@@ -111,14 +111,14 @@ class Instrument(LeanCallback):
     def after_train(self):
         if not self._on:
             return
-        syncs.counter.counting = False
+        self._counter.counting = False
         self._audited = self._audit.stop() or self._audited
         self._clock.end("window")
         times = self._clock.totals()
         window, backward = times.get("window", 0.0), times.get("backward", 0.0)
         self.learn.dl = self.learn.dl._dl if isinstance(self.learn.dl, TimedLoader) else self.learn.dl
         steps = max(self._steps, 1)
-        counts = syncs.counter.take()
+        counts = self._counter.take()
         self._train = {
             "steps": self._steps, "step_time": window / steps, "work_time": (window - backward) / steps,
             "clock": "cuda events" if self._clock.events else "host",
@@ -136,7 +136,7 @@ class Instrument(LeanCallback):
     def after_epoch(self):
         if not self._on or not hasattr(self, "_train"):
             return
-        denv = comm.current_env()
+        denv, comm = self.ctx.env, self.ctx.comm
         start = time.perf_counter()
         comm.barrier()  # how long each rank waits here tells who arrived last
         record = {"rank": denv.rank, "attempt": denv.restart_count, "epoch": self.epoch, "time": time.time(),

@@ -12,9 +12,7 @@ from fastai.learner import Recorder
 from fastai.torch_core import find_bs, to_device
 from fastai.callback.core import CancelEpochException, CancelFitException
 
-from ..comm import all_gather_object
 from ..sharding import ShardedDL
-from .agreement import KINDS, stop_state
 from .base import LeanCallback
 
 __all__ = ["WholeSetMetrics", "interleave"]
@@ -42,9 +40,8 @@ class WholeSetMetrics(LeanCallback):
     order = Recorder.order - 1  # before Recorder reads the metrics in after_validate
 
     def before_validate(self):
-        state = stop_state(self.learn)
         dl = self.learn.dl
-        self._on = state is not None and isinstance(dl, ShardedDL)
+        self._on = self.ctx.stop_of(self.learn) is not None and isinstance(dl, ShardedDL)
         if self._on:
             self._chunks, self._kept, self._limit, self._n_pred = [], 0, dl.real_count(), 1
             self._batch_sharded = dl.batch_sharded
@@ -65,15 +62,15 @@ class WholeSetMetrics(LeanCallback):
     def after_validate(self):
         if not getattr(self, "_on", False):
             return
-        state = stop_state(self.learn)
+        channel = self.ctx.stop_of(self.learn)
         local = [[t.cpu() for t in batch] for batch in self._chunks] if self._chunks else None  # once per epoch
-        gathered = all_gather_object((local, state.pending))
-        flags = [sum(p[i] for _, p in gathered) for i in range(len(KINDS))]
+        gathered = channel.comm.all_gather_object((local, channel.outgoing_list()))
+        flags = channel.combine([f for _, f in gathered])
         parts = [g for g, _ in gathered]
         if all(p is not None for p in parts):
             self._replay(parts)
         self._chunks = None
-        state.agree(flags, allowed=(CancelFitException, CancelEpochException))
+        channel.agree(flags, allowed=(CancelFitException, CancelEpochException))
 
     def _batches(self, parts: list[list[list[torch.Tensor]]]):
         """One process's validation batches, in its order, from every rank's batches (lists of columns)."""

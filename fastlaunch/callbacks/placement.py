@@ -5,14 +5,13 @@ from fastai.callback.core import TrainEvalCallback
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..comm import current_env, ensure_process_group, is_rank_zero
 from ..device import rank_device
 from ..seeding import reseed_per_rank, set_rng_states
 from ..sharding import ShardedDL
-from .agreement import StopState, flag_bucket_hook
+from ..stopchannel import StopChannel, flag_bucket_hook
 from .base import LeanCallback
 
-__all__ = ["DistributedFit", "FastlaunchDDP", "in_real_fit", "pin_batches", "to_sync_batchnorm", "restore_modules"]
+__all__ = ["DistributedFit", "FastlaunchDDP", "pin_batches", "to_sync_batchnorm", "restore_modules"]
 
 
 class FastlaunchDDP(DistributedDataParallel):
@@ -32,9 +31,6 @@ class FastlaunchDDP(DistributedDataParallel):
             self.module.reset()
 
 
-_said: set = set()
-
-
 def _per_rank_bs(dl, denv) -> int | None:
     """With --keep-global-batch, each rank takes bs / world so the script's bs stays the global batch."""
     if not denv.keep_global_batch or not getattr(dl, "bs", None):
@@ -47,13 +43,10 @@ def _loader_seed(denv, fit_index: int, loader: int) -> int | None:
     return None if denv.seed is None else (denv.seed * 1_000_003 + fit_index * 64 + loader) % 2**62
 
 
-def _say_global_batch(train_dl, denv) -> None:
-    """One line on rank 0: DDP makes the global batch per-rank bs x ranks."""
-    line = (f"fastlaunch: global batch {train_dl.bs * denv.world_size} = {train_dl.bs} x {denv.world_size} ranks"
+def _global_batch_line(train_dl, denv) -> str:
+    """DDP makes the global batch per-rank bs x ranks."""
+    return (f"fastlaunch: global batch {train_dl.bs * denv.world_size} = {train_dl.bs} x {denv.world_size} ranks"
             + (" (--keep-global-batch)" if denv.keep_global_batch else ""))
-    if line not in _said and is_rank_zero():
-        _said.add(line)
-        print(line, flush=True)
 
 
 def pin_batches(loaders, device) -> list:
@@ -88,11 +81,6 @@ def restore_modules(swapped: list) -> None:
         setattr(parent, name, child)
 
 
-def in_real_fit(learn) -> bool:
-    """True inside Learner.fit (fit, fit_one_cycle, fine_tune, lr_find), False in validate/get_preds/predict."""
-    return getattr(learn, "_fastlaunch_fit_depth", 0) > 0
-
-
 class DistributedFit(LeanCallback):
     """Puts model and data on the rank's device; wraps the model in DDP and shards the data for a fit."""
 
@@ -105,10 +93,12 @@ class DistributedFit(LeanCallback):
         self._swapped: list = []
 
     def before_fit(self):
-        self._wrapped = in_real_fit(self.learn) and not isinstance(self.learn.model, DistributedDataParallel)
+        ctx = self.ctx
+        run = ctx.fit_of(self.learn)
+        self._wrapped = run is not None and not isinstance(self.learn.model, DistributedDataParallel)
         if not self._wrapped:
             return
-        denv = current_env()
+        denv = ctx.env
         device = rank_device(denv.device_type, denv.local_rank)
         self.learn.model.to(device)
         if not denv.is_distributed:
@@ -116,14 +106,13 @@ class DistributedFit(LeanCallback):
             pin_batches(self.learn.dls.loaders, device)
             self._wrapped = False
             return
-        ensure_process_group(denv)
+        ctx.comm.ensure_group()
         self._old_loaders = list(self.learn.dls.loaders)
-        fit_index = getattr(self.learn, "_fastlaunch_fit_index", 0)
         self.learn.dls.loaders = [dl if isinstance(dl, ShardedDL) else
-                                  ShardedDL(dl, device=device, bs=_per_rank_bs(dl, denv),
-                                            seed=_loader_seed(denv, fit_index, i), evaluation=i > 0)
+                                  ShardedDL(dl, ctx=ctx, device=device, bs=_per_rank_bs(dl, denv),
+                                            seed=_loader_seed(denv, run.index, i), evaluation=i > 0)
                                   for i, dl in enumerate(self._old_loaders)]
-        _say_global_batch(self.learn.dls.loaders[0], denv)
+        ctx.say(_global_batch_line(self.learn.dls.loaders[0], denv), once=True)
         self.learn.dls.to(device)
         pin_batches(self.learn.dls.loaders, device)
         # DDP broadcasts rank 0's parameters and buffers at construction: every rank starts identical.
@@ -134,10 +123,10 @@ class DistributedFit(LeanCallback):
             self._swapped = to_sync_batchnorm(self.learn.model)
         self.learn.model = FastlaunchDDP(self.learn.model, static_graph=True,
                                          device_ids=[denv.local_rank] if denv.device_type == "cuda" else None)
-        state = StopState(device)
-        self.learn.model.register_comm_hook(state, flag_bucket_hook)  # stop flags ride on the gradients
-        state.active = True
-        self.learn._fastlaunch_stop = state
+        channel = StopChannel(device, ctx.comm, ctx.not_counted)
+        self.learn.model.register_comm_hook(channel, flag_bucket_hook)  # stop flags ride on the gradients
+        channel.active = True
+        run.stop = channel  # closed with the fit (context.py)
         # augmentation differs per rank; the data order is agreed by ShardedDL
         self._shared_rng = reseed_per_rank(denv.rank)
 
@@ -147,7 +136,7 @@ class DistributedFit(LeanCallback):
         self.learn.model = self.learn.model.module
         restore_modules(self._swapped)
         self._swapped = []
-        self.learn.dls.loaders = self._old_loaders  # the stop state stays until AgreedStop's after_fit
+        self.learn.dls.loaders = self._old_loaders  # the stop channel stays open until the fit closes
         self._old_loaders, self._wrapped = None, False
         if self._shared_rng is not None:  # the ranks draw alike again: splits, new models, shuffles
             set_rng_states(self._shared_rng)

@@ -11,7 +11,6 @@ from torch.utils._pytree import tree_map
 from fastai.callback.fp16 import AMPMode, MixedPrecision
 from fastcore.foundation import L
 
-from ..comm import current_env, is_rank_zero
 from ..errors import UsageError
 from .base import LeanCallback
 
@@ -91,12 +90,12 @@ def _precision_of(cb) -> str:
     return AMPMode(cb.amp_mode).value
 
 
-def use_script_precision(learn, cb: MixedPrecision):
+def use_script_precision(ctx, learn, cb: MixedPrecision):
     """The script asked for a precision: it replaces any other, and a differing --precision is reported."""
-    asked = current_env().precision
-    if asked not in ("no", _precision_of(cb)) and is_rank_zero():
-        print(f"fastlaunch: the script sets {_precision_of(cb)} itself and --precision {asked} was given: "
-              f"the script's {_precision_of(cb)} is used", flush=True)
+    asked = ctx.env.precision
+    if asked not in ("no", _precision_of(cb)):
+        ctx.say(f"fastlaunch: the script sets {_precision_of(cb)} itself and --precision {asked} was given: "
+                f"the script's {_precision_of(cb)} is used")
     learn.remove_cbs([c for c in learn.cbs if isinstance(c, MixedPrecision)])
     learn.add_cb(cb)
     return learn
@@ -106,6 +105,6 @@ class LauncherPrecision(LeanCallback):
     """Gives every Learner the launcher's --precision, unless the script chose one itself."""
 
     def after_create(self):
-        asked = current_env().precision
+        asked = self.ctx.env.precision
         if asked != "no" and not any(isinstance(c, MixedPrecision) for c in self.learn.cbs):
             self.learn.add_cb(DevicePrecision(amp_mode=AMPMode(asked)))

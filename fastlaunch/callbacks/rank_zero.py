@@ -4,7 +4,6 @@ from __future__ import annotations
 from fastai.callback.progress import ProgressCallback
 from fastcore.basics import noop
 
-from ..comm import is_rank_zero
 from .base import LeanCallback
 
 __all__ = ["RankZeroOutput"]
@@ -17,6 +16,6 @@ class RankZeroOutput(LeanCallback):
 
     def after_create(self):
         # Not `self.run`: fastai resets run to True after every fit.
-        if not is_rank_zero():
+        if not self.ctx.is_rank_zero:
             self.learn.logger = noop
             self.learn.remove_cbs(ProgressCallback)

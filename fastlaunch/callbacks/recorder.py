@@ -8,11 +8,9 @@ averaged over ranks in one all_reduce, together with averaging train metrics and
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from fastai.callback.core import CancelEpochException, CancelFitException
 from fastai.learner import Recorder
 
-from .agreement import KINDS, stop_state
 from .base import LeanCallback
 
 __all__ = ["RecorderSync"]
@@ -26,22 +24,20 @@ class RecorderSync(LeanCallback):
     def before_fit(self):
         self._synced = 0
 
-    def sync(self, state, with_metrics: bool) -> list[float]:
+    def sync(self, channel, with_metrics: bool) -> list[float]:
         """One all_reduce: this epoch's smoothed losses, the running average, metric sums, stop flags."""
         rec = self.learn.recorder
         tail = rec.losses[self._synced:]
         mets = [m for m in rec._train_mets[1:] if hasattr(m, "total") and hasattr(m, "count")] \
             if with_metrics else []
-        on = dict(dtype=torch.float32, device=state.device)  # the losses stay where they are: one copy
+        on = dict(dtype=torch.float32, device=channel.device)  # the losses stay where they are: one copy
         parts = [torch.stack([torch.as_tensor(v, **on).reshape(()) for v in tail]) if tail else torch.empty(0, **on),
                  torch.as_tensor(rec.smooth_loss.val, **on).reshape(1)]
         parts += [torch.stack([torch.as_tensor(m.total, **on).reshape(()), torch.as_tensor(m.count, **on).reshape(())])
                   for m in mets]
-        parts.append(state.outgoing())
-        packed = torch.cat(parts)
-        dist.all_reduce(packed)
-        packed = packed.cpu()
-        world = dist.get_world_size()
+        reduced, flags = channel.unpack(channel.comm.all_reduce(channel.piggyback(torch.cat(parts))))
+        packed = reduced.cpu()
+        world = channel.comm.world_size
         n = len(tail)
         rec.losses[self._synced:] = list((packed[:n] / world).unbind()) if n else []
         rec.smooth_loss.val = packed[n] / world
@@ -50,16 +46,16 @@ class RecorderSync(LeanCallback):
         self._synced = len(rec.losses)
         if n:
             self.learn.smooth_loss = rec.smooth_loss.value
-        return packed[-len(KINDS):].tolist()
+        return flags.tolist()
 
     def after_train(self):
-        state = stop_state(self.learn)
-        if state is not None:
-            flags = self.sync(state, with_metrics=True)
-            state.agree(flags, allowed=(CancelFitException, CancelEpochException))
+        channel = self.ctx.stop_of(self.learn)
+        if channel is not None:
+            flags = self.sync(channel, with_metrics=True)
+            channel.agree(flags, allowed=(CancelFitException, CancelEpochException))
 
     def after_fit(self):
         # Also after a cancel (lr_find ends by cancelling): the losses since the last epoch's sync.
-        state = stop_state(self.learn)
-        if state is not None and hasattr(self.learn, "recorder") and len(self.learn.recorder.losses) > self._synced:
-            self.sync(state, with_metrics=False)
+        channel = self.ctx.stop_of(self.learn)
+        if channel is not None and hasattr(self.learn, "recorder") and len(self.learn.recorder.losses) > self._synced:
+            self.sync(channel, with_metrics=False)

@@ -4,41 +4,32 @@ from __future__ import annotations
 import os
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import UsageError
+from ..option_table import LAUNCHER_OPTIONS, SLURM_KEYS, SLURM_OPTIONS, Option, slurm_pass_through
 from ..options import load_launch_file
+from ..parsing import option_rows, parse_flags, split_argv, switch_flags, value_flags, wants_help
 from ..resolve import count
 from .slurm import SbatchSpec, render_sbatch, submit
 
-__all__ = ["slurm_main", "spec_from_options", "SLURM_HELP"]
+__all__ = ["slurm_main", "spec_from_options", "SLURM_HELP", "OPTIONS"]
 
-_DEFAULTS: dict[str, Any] = {"nodes": 1, "gpus": None, "cpu": None, "time": None, "partition": None,
-                             "cpus_per_rank": 4, "grace": 90, "job_name": None, "config": None,
-                             "precision": None, "seed": None, "max_restarts": None,
-                             "submit": False, "keep_global_batch": False, "sync_bn": False}
-# become launcher flags in the job
-_PASSED_ON = ("precision", "seed", "max_restarts", "keep_global_batch", "sync_bn")
-_VALUE = tuple(f"--{k.replace('_', '-')}" for k, v in _DEFAULTS.items() if not isinstance(v, bool))
-_BOOL = tuple(f"--{k.replace('_', '-')}" for k, v in _DEFAULTS.items() if isinstance(v, bool))
+# The subcommand's own options, then the launcher options it passes on to the job (set only when given).
+_PASSED_ON = tuple(o for o in LAUNCHER_OPTIONS if o.slurm)
+OPTIONS: tuple[Option, ...] = SLURM_OPTIONS + tuple(replace(o, default=False if o.switch else None) for o in _PASSED_ON)
+_DEFAULTS: dict[str, Any] = {o.name: o.default for o in OPTIONS}
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 
-SLURM_HELP = """\
+SLURM_HELP = f"""\
 usage: fastlaunch slurm --nodes N (--gpus G | --cpu C) --time T [options] SCRIPT [script arguments...]
 
 Prints a ready-to-submit sbatch script that runs `fastlaunch` once per node under srun.
 
-  --nodes N            machines (default 1)
-  --gpus G | --cpu C   ranks per node: GPUs per node, or CPU ranks per node
-  --time T             time limit (e.g. 2:00:00 or 1-00:00:00)
-  --partition P        partition to submit to
-  --cpus-per-rank C    cores per rank (default 4): the task asks for ranks x C
-  --grace S            seconds of warning before the time limit (USR1, default 90)
-  --job-name NAME      default: the script's stem
-  --config FILE        a YAML launch config (these keys and the launcher's)
-  --precision, --seed, --max-restarts, --keep-global-batch, --sync-bn: passed on to fastlaunch in the job
-  --submit             submit it with sbatch and print the job id instead
+{option_rows(SLURM_OPTIONS, 21)}\
+  {", ".join(o.flag for o in _PASSED_ON)}: passed on to fastlaunch in the job
 
 example:
   fastlaunch slurm --nodes 2 --gpus 8 --time 2:00:00 --partition gpu train.py --epochs 5 > job.sbatch
@@ -46,21 +37,16 @@ example:
 
 
 def _parse(tokens: list[str]) -> dict[str, Any]:
-    import fire
-
-    parsed: dict = {}
-
-    def _options(**kwargs):
-        parsed.update(kwargs)
-
-    fire.Fire(_options, command=tokens, name="fastlaunch slurm")
+    """Defaults, then the --config file's keys this subcommand knows, then the flags given."""
+    given, rest = parse_flags(OPTIONS, tokens, "fastlaunch slurm")
+    if rest:
+        raise UsageError("unknown launcher flag before the script", rest[0],
+                         "see `fastlaunch --help`; flags meant for the script go after the script path")
     opts = dict(_DEFAULTS)
-    if parsed.get("config"):
-        from ..options import SLURM_KEYS
-
-        file = load_launch_file(str(parsed["config"]), extra_keys=SLURM_KEYS)
+    if given.get("config"):
+        file = load_launch_file(str(given["config"]), extra_keys=SLURM_KEYS)
         opts.update({k: v for k, v in file.items() if k in _DEFAULTS})
-    opts.update(parsed)
+    opts.update(given)
     return opts
 
 
@@ -79,13 +65,7 @@ def spec_from_options(opts: dict[str, Any], script: str, script_args: Sequence[s
     time = str(opts["time"] or "")
     if not _TIME.match(time):
         raise UsageError("--time is not a Slurm time limit", time or "nothing", "e.g. --time 2:00:00 or 1-00:00:00")
-    flags: list[str] = []
-    for key in _PASSED_ON:
-        value = opts[key]
-        if value is True:
-            flags.append(f"--{key.replace('_', '-')}")
-        elif value not in (None, False):
-            flags += [f"--{key.replace('_', '-')}", str(value)]
+    flags = slurm_pass_through(opts)
     return SbatchSpec(nodes=count("--nodes", opts["nodes"], 1), ranks_per_node=ranks, use_gpus=use_gpus, time=time,
                       script=script, script_args=tuple(script_args), python=python,
                       workdir=workdir or os.getcwd(), job_name=str(opts["job_name"] or Path(script).stem),
@@ -95,11 +75,9 @@ def spec_from_options(opts: dict[str, Any], script: str, script_args: Sequence[s
 
 def slurm_main(argv: Sequence[str]) -> int:
     """`fastlaunch slurm`: print the job script (or submit it); exit 2 on bad input."""
-    from ..cli import split_argv
-
     try:
-        tokens, script, script_args = split_argv(list(argv), _VALUE, _BOOL)
-        if "-h" in tokens or "--help" in tokens or (script is None and not tokens):
+        tokens, script, script_args = split_argv(list(argv), value_flags(OPTIONS), switch_flags(OPTIONS))
+        if wants_help(tokens) or (script is None and not tokens):
             print(SLURM_HELP, end="")
             return 0
         if script is None:

@@ -16,7 +16,7 @@ from collections import Counter
 
 import torch
 
-__all__ = ["SyncCounter", "counter", "BY_DESIGN", "by_design", "not_counted"]
+__all__ = ["SyncCounter", "BY_DESIGN", "by_design"]
 
 _METHODS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__")
 BY_DESIGN = " in GradScaler"  # appended to the method of a sync GradScaler makes
@@ -40,15 +40,18 @@ class SyncCounter:
         self.counts: Counter = Counter()
         self.source = "fastai"
         self.counting = False
-        self._installed = False
+        self._originals: list[tuple[object, str, object]] = []
 
     def install(self) -> None:
-        if self._installed:
+        """Wrap torch's sync entry points (once); uninstall() puts torch's own back."""
+        if self._originals:
             return
         for name in _METHODS:
+            self._originals.append((torch.Tensor, name, vars(torch.Tensor).get(name)))  # None: inherited
             setattr(torch.Tensor, name, self._wrap(getattr(torch.Tensor, name), name))
         if hasattr(torch, "cuda"):
             original = torch.cuda.synchronize
+            self._originals.append((torch.cuda, "synchronize", original))
 
             @functools.wraps(original)
             def synchronize(*args, **kwargs):
@@ -57,7 +60,14 @@ class SyncCounter:
                 return original(*args, **kwargs)
 
             torch.cuda.synchronize = synchronize
-        self._installed = True
+
+    def uninstall(self) -> None:
+        while self._originals:
+            owner, name, original = self._originals.pop()
+            if original is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
 
     def _wrap(self, original, name: str):
         @functools.wraps(original)
@@ -80,11 +90,3 @@ class SyncCounter:
     def take(self) -> Counter:
         counts, self.counts = self.counts, Counter()
         return counts
-
-
-counter: SyncCounter | None = None  # this rank's, once installed
-
-
-def not_counted():
-    """For reads of host copies fastlaunch made itself (they wait for nothing): the counter paused."""
-    return counter.paused() if counter is not None else contextlib.nullcontext()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch.nn.parallel import DistributedDataParallel
 
+from ..patching import patch
+
 __all__ = ["ACCUMULATE_PATCHES"]
 
 
@@ -13,7 +15,8 @@ def _world(learn) -> int:
     return model.process_group.size() if isinstance(model, DistributedDataParallel) else 1
 
 
-def patch_gradient_accumulation_counts_global_samples() -> None:
+@patch("fastai.callback.training.GradientAccumulation.*")
+def gradient_accumulation_counts_global_samples(ctx, p) -> None:
     """fastai's GradientAccumulation counts this rank's samples only: under N ranks a step came after
     N x n_acc samples, so the weights drifted from one process with the same global batch; and every
     micro-step paid a full gradient all-reduce. Here each micro-step counts (and scales its loss by)
@@ -49,8 +52,8 @@ def patch_gradient_accumulation_counts_global_samples() -> None:
         self.count = 0
 
     # DDP's wrapper lives for one fit (callbacks/placement.py): no flag to put back afterwards.
-    GradientAccumulation.before_batch = before_batch
-    GradientAccumulation.after_loss, GradientAccumulation.before_step = after_loss, before_step
+    for name, fn in (("before_batch", before_batch), ("after_loss", after_loss), ("before_step", before_step)):
+        p.set(GradientAccumulation, name, fn)
 
 
-ACCUMULATE_PATCHES = (patch_gradient_accumulation_counts_global_samples,)
+ACCUMULATE_PATCHES = (gradient_accumulation_counts_global_samples,)

@@ -11,12 +11,13 @@ import functools
 
 import torch
 
-from ..instrument import syncs
+from ..patching import patch
 
 __all__ = ["NOSYNC_PATCHES", "nonblocking_to_device"]
 
 
-def patch_smooth_loss_stays_on_device() -> None:
+@patch("fastai.learner.AvgSmoothLoss.accumulate")
+def smooth_loss_stays_on_device(ctx, p) -> None:
     """AvgSmoothLoss keeps its running average on the loss's device; it is read once per epoch."""
     from fastai.learner import AvgSmoothLoss
 
@@ -25,10 +26,11 @@ def patch_smooth_loss_stays_on_device() -> None:
         loss = learn.loss.mean().detach()
         self.val = torch.lerp(loss, torch.as_tensor(self.val, device=loss.device, dtype=loss.dtype), self.beta)
 
-    AvgSmoothLoss.accumulate = accumulate
+    p.set(AvgSmoothLoss, "accumulate", accumulate)
 
 
-def patch_progress_comment_without_sync() -> None:
+@patch("fastai.callback.progress.ProgressCallback.after_batch")
+def progress_comment_without_sync(ctx, p) -> None:
     """The progress bar shows the smoothed loss copied to the host without blocking, one step late."""
     from fastai.callback.progress import ProgressCallback
 
@@ -41,7 +43,7 @@ def patch_progress_comment_without_sync() -> None:
             return
         shown = getattr(self, "_shown", None)
         if shown is not None and (shown[1] is None or shown[1].query()):
-            with syncs.not_counted():  # a host copy already made: reading it waits for nothing
+            with ctx.not_counted():  # a host copy already made: reading it waits for nothing
                 self.pbar.comment = f"{float(shown[0]):.4f}"
         loss = torch.as_tensor(self.smooth_loss).detach()
         if loss.is_cuda:
@@ -52,7 +54,7 @@ def patch_progress_comment_without_sync() -> None:
         else:
             self._shown = (loss.clone(), None)
 
-    ProgressCallback.after_batch = after_batch
+    p.set(ProgressCallback, "after_batch", after_batch)
 
 
 def _is_cuda(device) -> bool:
@@ -72,12 +74,12 @@ def nonblocking_to_device(original):
     return to_device
 
 
-def patch_batch_copies_without_sync() -> None:
+@patch("fastai.data.load.to_device")
+def batch_copies_without_sync(ctx, p) -> None:
     """The DataLoader's copy of each batch to the GPU does not wait for the GPU."""
     import fastai.data.load as load
 
-    load.to_device = nonblocking_to_device(load.to_device)
+    p.set(load, "to_device", nonblocking_to_device(load.to_device))
 
 
-NOSYNC_PATCHES = (patch_smooth_loss_stays_on_device, patch_progress_comment_without_sync,
-                  patch_batch_copies_without_sync)
+NOSYNC_PATCHES = (smooth_loss_stays_on_device, progress_comment_without_sync, batch_copies_without_sync)

@@ -7,8 +7,7 @@ import copy
 import functools
 import threading
 
-from ..comm import current_env, is_rank_zero, local_rank_zero_first
-from .core import replace_everywhere
+from ..patching import patch
 
 __all__ = ["SIDE_EFFECT_PATCHES"]
 
@@ -17,7 +16,8 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def patch_lr_find_in_memory() -> None:
+@patch("fastai.callback.schedule.LRFinder.before_fit", "fastai.callback.schedule.LRFinder.after_fit")
+def lr_find_in_memory(ctx, p) -> None:
     """lr_find saves to a per-rank temp folder that only rank 0 writes, so only rank 0 reaches the
     barrier in load and rank 1 never restores its weights (a deadlock): snapshot and restore model and
     optimizer in memory on every rank."""
@@ -37,10 +37,12 @@ def patch_lr_find_in_memory() -> None:
         self.learn.opt.load_state_dict(opt_state)
         self._snapshot = None
 
-    LRFinder.before_fit, LRFinder.after_fit = before_fit, after_fit
+    p.set(LRFinder, "before_fit", before_fit)
+    p.set(LRFinder, "after_fit", after_fit)
 
 
-def patch_csv_logger_rank_zero() -> None:
+@patch("fastai.callback.progress.CSVLogger.before_fit", "fastai.callback.progress.CSVLogger.after_fit")
+def csv_logger_rank_zero(ctx, p) -> None:
     """CSVLogger opens its file with 'w' on every rank: the others truncate rank 0's history."""
     from fastai.callback.progress import CSVLogger
 
@@ -49,13 +51,14 @@ def patch_csv_logger_rank_zero() -> None:
 
         @functools.wraps(original)
         def on_rank_zero(self, _original=original):
-            if is_rank_zero():
+            if ctx.is_rank_zero:
                 return _original(self)
 
-        setattr(CSVLogger, name, on_rank_zero)
+        p.set(CSVLogger, name, on_rank_zero)
 
 
-def patch_show_graph_rank_zero() -> None:
+@patch("fastai.callback.progress.ShowGraphCallback.before_fit")
+def show_graph_rank_zero(ctx, p) -> None:
     """ShowGraphCallback asserts the Learner has a progress bar, which only rank 0 keeps (as with fastai's
     own to_distributed): the other ranks failed with 'IndexError: tuple index out of range' (fastai's
     message rewrite of a bare assert). It draws on rank 0 and stands aside for the fit elsewhere."""
@@ -65,15 +68,16 @@ def patch_show_graph_rank_zero() -> None:
 
     @functools.wraps(original)
     def before_fit(self):
-        if not is_rank_zero():
+        if not ctx.is_rank_zero:
             self.run = False  # fastai's Callback.__call__ sets run back to True after the fit
             return None
         return original(self)
 
-    ShowGraphCallback.before_fit = before_fit
+    p.set(ShowGraphCallback, "before_fit", before_fit)
 
 
-def patch_save_model_reload_from_rank_zero() -> None:
+@patch("fastai.callback.tracker.SaveModelCallback.after_fit")
+def save_model_reload_from_rank_zero(ctx, p) -> None:
     """SaveModelCallback reloads the best model from a file only rank 0 wrote: on several machines
     without a shared filesystem the others cannot read it. Rank 0 loads it and sends the weights."""
     import torch.distributed as dist
@@ -85,20 +89,20 @@ def patch_save_model_reload_from_rank_zero() -> None:
 
     @functools.wraps(original)
     def after_fit(self, **kwargs):
-        if self.at_end or self.every_epoch or not current_env().is_distributed or not dist.is_initialized():
+        if self.at_end or self.every_epoch or not ctx.env.is_distributed or not dist.is_initialized():
             return original(self, **kwargs)
         model = _unwrap(self.learn.model)
-        if is_rank_zero():
+        if ctx.is_rank_zero:
             file = join_path_file(self.fname, self.learn.path / self.learn.model_dir, ext=".pth")
             # fastai's own load: weights_only=True, with fastai's containers allowed
             load_model(file, model, self.learn.opt, with_opt=self.with_opt, device=next(model.parameters()).device)
-        for tensor in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(tensor.data, src=0)
+        ctx.comm.broadcast_tensors([t.data for t in [*model.parameters(), *model.buffers()]], src=0)
 
-    SaveModelCallback.after_fit = after_fit
+    p.set(SaveModelCallback, "after_fit", after_fit)
 
 
-def patch_precision_for_device() -> None:
+@patch("fastai.*.MixedPrecision", "fastai.learner.Learner.to_fp16", "fastai.learner.Learner.to_bf16")
+def precision_for_device(ctx, p) -> None:
     """MixedPrecision hard-codes autocast('cuda') and turns itself off on CPU: every MixedPrecision a
     script creates is the device-aware subclass, and to_fp16/to_bf16 replace (never add) a precision."""
     import fastai.callback.fp16 as fp16
@@ -106,53 +110,53 @@ def patch_precision_for_device() -> None:
 
     from ..callbacks.precision import DevicePrecision, use_script_precision
 
-    replace_everywhere("MixedPrecision", fp16.MixedPrecision, DevicePrecision)
+    p.replace_everywhere("MixedPrecision", fp16.MixedPrecision, DevicePrecision)
 
-    def to_fp16(self, **kwargs): return use_script_precision(self, DevicePrecision(**kwargs))
-    def to_bf16(self): return use_script_precision(self, DevicePrecision(amp_mode=fp16.AMPMode.BF16))
+    def to_fp16(self, **kwargs): return use_script_precision(ctx, self, DevicePrecision(**kwargs))
+    def to_bf16(self): return use_script_precision(ctx, self, DevicePrecision(amp_mode=fp16.AMPMode.BF16))
 
-    Learner.to_fp16, Learner.to_bf16 = to_fp16, to_bf16
-
-
-_depth = threading.local()
+    p.set(Learner, "to_fp16", to_fp16)
+    p.set(Learner, "to_bf16", to_bf16)
 
 
-def _first_on_node(original):
+def _first_on_node(ctx, original, depth: threading.local):
     """Run a download step on local rank 0 first (outermost call only: get() calls download())."""
     @functools.wraps(original)
     def wrapper(*args, **kwargs):
-        if getattr(_depth, "n", 0):
+        if getattr(depth, "n", 0):
             return original(*args, **kwargs)
-        _depth.n = 1
+        depth.n = 1
         try:
-            return local_rank_zero_first(original, *args, **kwargs)
+            return ctx.comm.local_rank_zero_first(original, *args, **kwargs)
         finally:
-            _depth.n = 0
+            depth.n = 0
     return wrapper
 
 
-def patch_downloads_local_rank_zero_first() -> None:
+@patch("fastdownload.core.FastDownload.*", "fastai.*.fastai_cfg")
+def downloads_local_rank_zero_first(ctx, p) -> None:
     """FastDownload (behind untar_data) and fastai's config.ini creation race when every rank downloads
     and extracts into the same folder: each node's local rank 0 goes first, the others then find it done."""
     import fastai.data.external as external
     from fastdownload import FastDownload
 
+    depth = threading.local()  # one download step at a time per thread: the outermost call waits
     for name in ("__init__", "get", "download", "extract"):
-        setattr(FastDownload, name, _first_on_node(getattr(FastDownload, name)))
-    replace_everywhere("fastai_cfg", external.fastai_cfg, _first_on_node(external.fastai_cfg))
+        p.set(FastDownload, name, _first_on_node(ctx, getattr(FastDownload, name), depth))
+    p.replace_everywhere("fastai_cfg", external.fastai_cfg, _first_on_node(ctx, external.fastai_cfg, depth))
 
 
-def patch_tokenizer_cache_local_rank_zero_first() -> None:
+@patch("fastai.*._tokenize_files", "fastai.*.tokenize_csv")
+def tokenizer_cache_local_rank_zero_first(ctx, p) -> None:
     """fastai writes its tokenizer cache (<path>_tok, <name>_tok.csv) from every rank at once: each node's
     local rank 0 tokenizes first; the others then find the cache and skip it."""
     import fastai.text.core as text_core
 
+    depth = threading.local()
     for name in ("_tokenize_files", "tokenize_csv"):
         original = getattr(text_core, name)
-        replace_everywhere(name, original, _first_on_node(original))
+        p.replace_everywhere(name, original, _first_on_node(ctx, original, depth))
 
 
-SIDE_EFFECT_PATCHES = (patch_lr_find_in_memory, patch_csv_logger_rank_zero, patch_show_graph_rank_zero,
-                       patch_save_model_reload_from_rank_zero,
-                       patch_precision_for_device, patch_downloads_local_rank_zero_first,
-                       patch_tokenizer_cache_local_rank_zero_first)
+SIDE_EFFECT_PATCHES = (lr_find_in_memory, csv_logger_rank_zero, show_graph_rank_zero, save_model_reload_from_rank_zero,
+                       precision_for_device, downloads_local_rank_zero_first, tokenizer_cache_local_rank_zero_first)

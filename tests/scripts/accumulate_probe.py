@@ -14,15 +14,15 @@ OUT = os.environ["FL_PROBE_OUT"]
 RANK = int(os.environ.get("RANK", 0))
 allreduces = [0]
 if "RANK" in os.environ:  # count the gradient all-reduces DDP makes through fastlaunch's comm hook
-    from fastlaunch.callbacks import agreement
+    from fastlaunch.callbacks import placement
 
-    original = agreement._all_reduce
+    original = placement.flag_bucket_hook  # one gradient all-reduce per bucket
 
-    def counted(*args, **kwargs):
+    def counted(channel, bucket):
         allreduces[0] += 1
-        return original(*args, **kwargs)
+        return original(channel, bucket)
 
-    agreement._all_reduce = counted
+    placement.flag_bucket_hook = counted
 
 g = torch.Generator().manual_seed(0)
 x = torch.randn(256, 4, generator=g)
