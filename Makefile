@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean
+.PHONY: install demo lint test bench clean
 
 $(STAMP): pyproject.toml
 	@echo "fastlaunch: installing torch, fastai and the test tools into $(VENV) (a few minutes the first time)"
@@ -19,7 +19,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	cd templates/minimal && ../../$(BIN)/fastlaunch train.py --epochs 3
 
-test: $(STAMP)
+# Lint and types first (seconds), then the tests.
+lint: $(STAMP)
+	$(BIN)/ruff check fastlaunch benchmarks tests
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest
 
 # fastlaunch against torchrun and a plain PyTorch DDP loop, interleaved; writes benchmarks/RESULTS.md.

@@ -87,9 +87,10 @@ def plain(obj: Any) -> Any:
 
 
 def _rng() -> dict:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    keys = np.asarray(keys, dtype=np.int64)
     return {"python": plain(random.getstate()), "torch": torch.get_rng_state(),
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys), "pos": int(pos),
                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
 
 

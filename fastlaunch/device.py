@@ -23,7 +23,7 @@ def _nvml_device_count(nvml: Any) -> tuple[int | None, str]:
     """GPUs the NVIDIA driver sees (None when NVML is absent or the driver is not loaded)."""
     if nvml is None:
         try:
-            import pynvml as nvml  # provided by nvidia-ml-py
+            import pynvml as nvml  # type: ignore[no-redef]  # provided by nvidia-ml-py
         except ImportError:
             return None, "nvidia-ml-py is not installed"
     try:

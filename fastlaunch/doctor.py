@@ -135,7 +135,7 @@ def check_cuda(environ: Mapping[str, str], torch_mod: Any, nvml: Any) -> list[Fi
 
 def check_gpu_memory(nvml: Any) -> list[Finding]:
     """GPU memory held by other processes (they shrink what training can use)."""
-    out = []
+    out: list[Finding] = []
     try:
         nvml.nvmlInit()
         count = nvml.nvmlDeviceGetCount()
@@ -209,7 +209,7 @@ def run_checks(environ: Mapping[str, str] | None = None, torch_mod: Any = None, 
         import torch as torch_mod
     if nvml is None:
         try:
-            import pynvml as nvml
+            import pynvml as nvml  # type: ignore[no-redef]
         except ImportError:
             nvml = None
     if cores is None:

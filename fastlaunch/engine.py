@@ -1,6 +1,8 @@
 """LaunchConfig -> torch elastic agent -> exit status, with rank 0 on the console and a failure summary."""
 from __future__ import annotations
 
+from typing import Any
+
 import logging
 import signal
 import socket
@@ -39,7 +41,7 @@ def elastic_config(config: LaunchConfig, logs_specs: RankLogsSpecs, port: int = 
     """
     from torch.distributed.launcher.api import LaunchConfig as ElasticConfig
 
-    common = dict(nproc_per_node=config.nproc_per_node, role="rank", max_restarts=config.max_restarts,
+    common: dict[str, Any] = dict(nproc_per_node=config.nproc_per_node, role="rank", max_restarts=config.max_restarts,
                   monitor_interval=0.1, logs_specs=logs_specs, shutdown_timeout=config.grace,
                   signals_to_handle=_HANDLED_SIGNALS)
     if not config.multi_node:
@@ -48,10 +50,10 @@ def elastic_config(config: LaunchConfig, logs_specs: RankLogsSpecs, port: int = 
                              local_addr="127.0.0.1", **common)
     if config.node_rank is not None:
         return ElasticConfig(min_nodes=config.min_nodes, max_nodes=config.max_nodes, run_id=config.rdzv_id,
-                             rdzv_backend="static", rdzv_endpoint=config.rdzv_endpoint,
+                             rdzv_backend="static", rdzv_endpoint=config.rdzv_endpoint or "",
                              rdzv_configs={"rank": config.node_rank}, **common)
     return ElasticConfig(min_nodes=config.min_nodes, max_nodes=config.max_nodes, run_id=config.rdzv_id,
-                         rdzv_backend="c10d", rdzv_endpoint=config.rdzv_endpoint, **common)
+                         rdzv_backend="c10d", rdzv_endpoint=config.rdzv_endpoint or "", **common)
 
 
 def _quiet_engine(verbose: bool) -> None:
@@ -70,6 +72,7 @@ def _report(config: LaunchConfig, failed: list[int]) -> None:
     """report.json and report.png from the ranks' records; the diagnoses on the console."""
     from .instrument.report import build_report, render_text
 
+    assert config.run_dir is not None  # the launcher made it before the ranks started
     try:
         report = build_report(config.run_dir, config.nproc_per_node if not config.multi_node else 0, failed)
     except Exception as err:  # a report must never hide the job's own outcome
@@ -84,6 +87,7 @@ def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
 
     On one node, `listener` is the socket fastlaunch bound on 127.0.0.1 for the rendezvous store.
     """
+    assert config.run_dir is not None, "prepare_run_dir before launch"
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
@@ -128,10 +132,10 @@ def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
     except KeyboardInterrupt:
         print("fastlaunch: interrupted; ranks stopped", file=sys.stderr)
         status = 130
-    except SignalException as sig:
-        name = signal.Signals(sig.sigval).name
+    except SignalException as caught:
+        name = signal.Signals(caught.sigval).name
         print(f"fastlaunch: {name} received; ranks stopped", file=sys.stderr)
-        status = signal_status(sig.sigval, logs_specs.log_dir, sorted(logs_specs.error_files()))
+        status = signal_status(caught.sigval, logs_specs.log_dir, sorted(logs_specs.error_files()))
     # The ranks are gone: a late stop (srun ending the step on another node's exit) must not turn this
     # node's status into 143 while the report is written.
     saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}

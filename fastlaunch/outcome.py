@@ -2,6 +2,8 @@
 each automatic restart as it happens, and whether a stop by a signal left a checkpoint to resume from."""
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
+
 import json
 import signal
 import sys
@@ -59,7 +61,7 @@ def is_consequence(failure) -> bool:
     return failure.exitcode == -signal.SIGTERM or is_consequence_message(_message(failure))
 
 
-def root_cause(failures: dict, stopped: set[int] = frozenset()) -> int:
+def root_cause(failures: dict, stopped: AbstractSet[int] = frozenset()) -> int:
     """The global rank that failed first for its own reasons; `stopped`: ranks the failure watch killed
     because another had recorded a failure (never the cause)."""
     failures = {r: f for r, f in failures.items() if r not in stopped} or failures

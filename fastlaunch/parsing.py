@@ -69,7 +69,7 @@ def split_argv(argv: Sequence[str], value_flags: Sequence[str], bool_flags: Sequ
 class _Parser(argparse.ArgumentParser):
     """argparse that raises UsageError instead of printing and exiting."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str):
         raise UsageError(f"cannot read the flags of {self.prog}", message, f"see `{self.prog} --help`")
 
 

@@ -167,7 +167,9 @@ def build_config(opts: dict, given: set[str], script: str, script_args: list[str
         raise UsageError("--port is out of range", port, "use a port from 1024 to 65535, or leave it out")
     slurm = SlurmFacts.from_environ(environ)
     if resolve_endpoint is None:
-        from .cluster.slurm import rendezvous_endpoint as resolve_endpoint
+        from .cluster.slurm import rendezvous_endpoint
+
+        resolve_endpoint = rendezvous_endpoint
     nodes = _nodes(opts, "nnodes" in given, slurm, resolve_endpoint)
     if opts["seed"] is not None:
         seed = count("--seed", opts["seed"], 0)

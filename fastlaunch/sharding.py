@@ -77,7 +77,7 @@ def _from_torch(dl: torch.utils.data.DataLoader) -> DataLoader:
     user_wif = dl.worker_init_fn
     kwargs = {}
     if user_wif is not None:
-        kwargs["wif"] = lambda: user_wif(get_worker_info().id)
+        kwargs["wif"] = lambda: user_wif(get_worker_info().id)  # type: ignore[union-attr]
     return DataLoader(dataset=dl.dataset, bs=dl.batch_size, num_workers=dl.num_workers, pin_memory=dl.pin_memory,
                       timeout=dl.timeout, shuffle=isinstance(dl.sampler, RandomSampler), drop_last=dl.drop_last,
                       persistent_workers=dl.persistent_workers, create_batch=dl.collate_fn, **kwargs)

@@ -112,7 +112,7 @@ class StopChannel:
         done = torch.cuda.Event()
         done.record()
         self._in_flight = (host, done)
-        if previous is None:
+        if previous is None or event is None:
             return None
         event.synchronize()  # recorded a whole step ago: already complete in practice
         with self.quiet_reads():

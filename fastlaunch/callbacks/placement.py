@@ -86,7 +86,7 @@ class DistributedFit(LeanCallback):
 
     order = TrainEvalCallback.order - 1  # before TrainEvalCallback moves the model to dls.device
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._wrapped = False
         self._old_loaders = None
         self._shared_rng = None

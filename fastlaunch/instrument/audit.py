@@ -27,7 +27,7 @@ class SyncAudit:
         self._torch, self.steps, self._source = torch_mod, steps, source  # source: what runs now
         self.counts: Counter = Counter()
         self.seen_steps = 0
-        self._ctx = None
+        self._ctx: warnings.catch_warnings | None = None
 
     @property
     def active(self) -> bool:
@@ -60,7 +60,7 @@ class SyncAudit:
 
     def stop(self) -> dict:
         """Ends the window; the audit's figures for the epoch record (empty when none ran)."""
-        if not self.active:
+        if self._ctx is None:
             return {}
         self._torch.cuda.set_sync_debug_mode("default")
         self._ctx.__exit__(None, None, None)

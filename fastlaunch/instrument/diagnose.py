@@ -1,6 +1,8 @@
 """Diagnoses in plain words, each with its number and a fix, from the per-rank epoch records."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from statistics import mean, median
 
 from . import syncs
@@ -49,7 +51,7 @@ def _syncs(rank: int, recs: list[dict]) -> list[str]:
     return found
 
 
-def diagnose(records: list[dict], missing: list[int] = (), last_epoch: dict | None = None) -> list[str]:
+def diagnose(records: list[dict], missing: Sequence[int] = (), last_epoch: dict | None = None) -> list[str]:
     """Why training is slow or short of memory, as far as the records tell."""
     last_epoch = last_epoch or {}
     found = [f"rank {r} is missing from the report after epoch {last_epoch[r]}: it died (see its log)"

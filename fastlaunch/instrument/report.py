@@ -2,6 +2,8 @@
 so a rank that died is named as missing and never blocks the report)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import json
 from pathlib import Path
 
@@ -47,7 +49,7 @@ def _plot(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def build_report(run_dir: Path, world_size: int, failed: list[int] = ()) -> dict:
+def build_report(run_dir: Path, world_size: int, failed: Sequence[int] = ()) -> dict:
     """Write report.json and report.png; return the report. `failed`: ranks the launcher saw die."""
     run_dir = Path(run_dir)
     records = read_records(run_dir)
