@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from .lines import rank_warning
 
 __all__ = ["write_atomic", "snapshot", "save", "latest", "load", "checkpoint_dir", "keep_last", "plain",
            "set_rng", "BadCheckpoint", "remove_stale_temporaries"]
@@ -169,8 +170,8 @@ def save(state: dict, run_dir: Path, name: str) -> Path | None:
         os.replace(tmps[1], _manifest_path(path))
     except OSError as err:
         need = sum(t.numel() * t.element_size() for t in state.get("model", {}).values()) / 1e6
-        print(f"fastlaunch: could not write checkpoint {path}: {err.strerror or err} (about {need:.0f} MB "
-              f"needed); the previous checkpoint is kept", file=sys.stderr, flush=True)
+        rank_warning(f"fastlaunch: could not write checkpoint {path}: {err.strerror or err} (about {need:.0f} MB "
+                     f"needed); the previous checkpoint is kept")
         return None
     finally:
         for tmp in tmps:

@@ -23,6 +23,7 @@ from typing import Any, Callable
 from .comm import Comm
 from .env import DistEnv
 from .heartbeat import IN_FIT, NoHeartbeat
+from .lines import rank_line
 
 __all__ = ["RankContext", "FitRun", "bind"]
 
@@ -44,7 +45,7 @@ class RankContext:
         self.env = env
         self.beats = beats if beats is not None else NoHeartbeat()
         self.comm = Comm(env, self.beats)
-        self._say = say or (lambda line: print(line, flush=True))
+        self._say = say or rank_line
         self.syncs: Any = None  # the SyncCounter, made when a fit is first measured
         self.callback_classes: tuple[type, ...] = ()  # fastlaunch's callbacks bound to this context, once installed
         self.reset()

@@ -18,6 +18,7 @@ from .hangwatch import HangWatch
 from .logs import ConsoleFollower, RankLogsSpecs
 from .outcome import (consequences_of, root_cause, say_restart, script_exit_status, signal_status,
                       summarize_failure, summarize_hang)
+from .lines import launcher_line as say
 
 __all__ = ["launch", "elastic_config", "worker_args"]
 
@@ -76,10 +77,10 @@ def _report(config: LaunchConfig, failed: list[int]) -> None:
     try:
         report = build_report(config.run_dir, config.nproc_per_node if not config.multi_node else 0, failed)
     except Exception as err:  # a report must never hide the job's own outcome
-        print(f"fastlaunch: no report ({type(err).__name__}: {err})", file=sys.stderr)
+        say(f"fastlaunch: no report ({type(err).__name__}: {err})")
         return
     if report["epochs"] or report["missing"]:
-        print(render_text(report), file=sys.stderr)
+        say(render_text(report))
 
 
 def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
@@ -93,13 +94,13 @@ def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
     from torch.distributed.launcher.api import elastic_launch
 
     for note in config.notes:
-        print(note, file=sys.stderr, flush=True)
+        say(note)
     nodes = "" if not config.multi_node else (
         f" x {config.max_nodes} nodes (this is node {config.node_rank}, rendezvous {config.rdzv_endpoint})"
         if config.node_rank is not None else
         f" x {config.min_nodes}:{config.max_nodes} nodes (rendezvous {config.rdzv_endpoint})")
-    print(f"fastlaunch: {config.nproc_per_node} rank{'s' if config.nproc_per_node > 1 else ''} on "
-          f"{config.device}{nodes}, run dir {config.run_dir}", file=sys.stderr, flush=True)
+    say(f"fastlaunch: {config.nproc_per_node} rank{'s' if config.nproc_per_node > 1 else ''} on "
+          f"{config.device}{nodes}, run dir {config.run_dir}")
     _quiet_engine(config.verbose)
     follower = ConsoleFollower(sys.stdout)
     logs_specs = RankLogsSpecs(config.run_dir / "logs", console_rank=0, on_console_log=follower.follow)
@@ -122,7 +123,7 @@ def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
     except ChildFailedError as err:
         own = script_exit_status(err) if not watch.verdict else None
         if own is not None:  # sys.exit(N) on every rank: the script's own status, no rank to blame
-            print(f"fastlaunch: the script exited with status {own} on every rank", file=sys.stderr)
+            say(f"fastlaunch: the script exited with status {own} on every rank")
             status = own
         else:
             stopped = consequences_of(err, failwatch.consequences())
@@ -130,11 +131,11 @@ def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
                 summarize_failure(err, logs_specs, console_rank=0, stopped=stopped)
             failed = [watch.verdict[0].rank] if watch.verdict else [root_cause(err.failures, stopped)]
     except KeyboardInterrupt:
-        print("fastlaunch: interrupted; ranks stopped", file=sys.stderr)
+        say("fastlaunch: interrupted; ranks stopped")
         status = 130
     except SignalException as caught:
         name = signal.Signals(caught.sigval).name
-        print(f"fastlaunch: {name} received; ranks stopped", file=sys.stderr)
+        say(f"fastlaunch: {name} received; ranks stopped")
         status = signal_status(caught.sigval, logs_specs.log_dir, sorted(logs_specs.error_files()))
     # The ranks are gone: a late stop (srun ending the step on another node's exit) must not turn this
     # node's status into 143 while the report is written.
@@ -149,5 +150,5 @@ def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
         if handler is not None:
             signal.signal(sig, handler)
     if status == 0:
-        print(f"fastlaunch: done in {time.monotonic() - started:.1f}s; run dir {config.run_dir}", file=sys.stderr)
+        say(f"fastlaunch: done in {time.monotonic() - started:.1f}s; run dir {config.run_dir}")
     return status

@@ -6,12 +6,12 @@ from collections.abc import Set as AbstractSet
 
 import json
 import signal
-import sys
 from pathlib import Path
 
 from .config import STOPPED_BY_SIGNAL, stop_marker
 from .failwatch import is_consequence_message
 from .logs import RankLogsSpecs, attempt_of, tail_lines
+from .lines import launcher_line as say
 
 __all__ = ["root_cause", "is_consequence", "summarize_failure", "summarize_hang", "consequences_of", "say_restart",
            "signal_status", "script_exit_status"]
@@ -79,39 +79,37 @@ def summarize_failure(err, logs_specs: RankLogsSpecs, console_rank: int, stopped
     rank = root_cause(failures, stopped)
     failure = failures[rank]
     log = logs_specs.log_path(rank)
-    out = sys.stderr
-    print(f"fastlaunch: rank {rank} failed (exit code {_exit_code(failure)}): {_message(failure)}", file=out)
+    say(f"fastlaunch: rank {rank} failed (exit code {_exit_code(failure)}): {_message(failure)}")
     if rank != console_rank:  # rank 0's own output already reached the console
         stack = _callstack(failure)
         if stack:
-            print(f"fastlaunch: rank {rank}'s traceback:", file=out)
+            say(f"fastlaunch: rank {rank}'s traceback:")
             lines = stack.rstrip().splitlines()
         else:
-            print(f"fastlaunch: last lines of {log}:", file=out)
+            say(f"fastlaunch: last lines of {log}:")
             lines = tail_lines(log, _TAIL_LINES) if log is not None else []
         for line in lines:
-            print(f"  {line}", file=out)
+            say(f"  {line}")
     for other in sorted(r for r in failures if r != rank):
         why = "stopped as a consequence" if other in stopped or is_consequence(failures[other]) else "also failed"
-        print(f"fastlaunch: rank {other} {why} (exit code {failures[other].exitcode}): "
-              f"{_message(failures[other])[:160]}", file=out)
-    print(f"fastlaunch: logs: {logs_specs.log_dir}", file=out)
+        say(f"fastlaunch: rank {other} {why} (exit code {failures[other].exitcode}): "
+              f"{_message(failures[other])[:160]}")
+    say(f"fastlaunch: logs: {logs_specs.log_dir}")
     return _exit_status(_exit_code(failure))
 
 
 def summarize_hang(verdict, logs_specs: RankLogsSpecs, stack_taken: bool = True) -> int:
     """Name the hung rank, what it was doing, and the stack it dumped into its log."""
     beat, why = verdict
-    out = sys.stderr
-    print(f"fastlaunch: {beat.who} hung: {why}", file=out)
+    say(f"fastlaunch: {beat.who} hung: {why}")
     log = logs_specs.log_path(beat.rank) if beat.started and stack_taken else None
     if log is not None:
         lines = tail_lines(log, _TAIL_LINES)
         start = max((i for i, line in enumerate(lines) if "most recent call first" in line), default=0)
-        print(f"fastlaunch: its stack (from {log}):", file=out)
+        say(f"fastlaunch: its stack (from {log}):")
         for line in lines[max(0, start - 1):]:
-            print(f"  {line}", file=out)
-    print(f"fastlaunch: the job was stopped; logs: {logs_specs.log_dir}", file=out)
+            say(f"  {line}")
+    say(f"fastlaunch: the job was stopped; logs: {logs_specs.log_dir}")
     return 1
 
 
@@ -137,13 +135,11 @@ def say_restart(max_restarts: int):
         if attempt >= max_restarts:
             return  # the last attempt: the job's own failure summary names it
         stack = str(record.get("py_callstack", "")).rstrip().splitlines()
-        out = sys.stderr
-        print(f"\nfastlaunch: rank {rank} failed in attempt {attempt}: {record.get('message', '')[:300]}; "
-              f"restarting the ranks (restart {attempt + 1} of at most {max_restarts})", file=out)
-        print(f"fastlaunch: rank {rank}'s traceback:", file=out)
+        say(f"\nfastlaunch: rank {rank} failed in attempt {attempt}: {record.get('message', '')[:300]}; "
+              f"restarting the ranks (restart {attempt + 1} of at most {max_restarts})")
+        say(f"fastlaunch: rank {rank}'s traceback:")
         for line in stack:
-            print(f"  {line}", file=out)
-        out.flush()
+            say(f"  {line}")
     return on_failure
 
 
@@ -160,7 +156,6 @@ def signal_status(sigval: int, log_dir: Path, ranks: list[int]) -> int:
             written.append(None)
     if ranks and all(written):
         return STOPPED_BY_SIGNAL
-    print(f"fastlaunch: no checkpoint was written before the ranks stopped (outside a fit, or a rank did not "
-          f"reach the agreed stop within --grace): exit status {128 + int(sigval)}, not {STOPPED_BY_SIGNAL}",
-          file=sys.stderr)
+    say(f"fastlaunch: no checkpoint was written before the ranks stopped (outside a fit, or a rank did not "
+          f"reach the agreed stop within --grace): exit status {128 + int(sigval)}, not {STOPPED_BY_SIGNAL}")
     return 128 + int(sigval)

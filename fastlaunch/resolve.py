@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import secrets
-import sys
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -11,6 +10,7 @@ from .config import LaunchConfig, Precision
 from .device import GpuProbe, bf16_supported, probe_gpus, usable_cores
 from .env import SlurmFacts, launcher_environ
 from .errors import UsageError
+from .lines import launcher_line
 
 __all__ = ["build_config", "count"]
 
@@ -140,7 +140,7 @@ def _resume_checkpoint(run_dir: object) -> Path | None:
         return None
     from .checkpoint import checkpoint_dir, latest
 
-    found = latest(Path(str(run_dir)), say=lambda line: print(line, file=sys.stderr))
+    found = latest(Path(str(run_dir)), say=launcher_line)
     if found is None:
         if list(checkpoint_dir(Path(str(run_dir))).glob("*.pt")):
             raise UsageError("the run to resume has no good checkpoint", f"{run_dir}/checkpoints",

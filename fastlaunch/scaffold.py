@@ -11,6 +11,7 @@ from .errors import UsageError
 from .option_table import Option
 from .parsing import option_rows, parse_flags, wants_help
 from .resources import data_path
+from .lines import launcher_line
 
 __all__ = ["TEMPLATES", "template_files", "create_project", "new_main"]
 
@@ -73,7 +74,7 @@ def new_main(argv: Sequence[str]) -> int:
     except UsageError as err:
         print(err, file=sys.stderr)
         return err.exit_code
-    print(f"fastlaunch: created {args[0]} from the {template} template: "
-          + ", ".join(p.name for p in written), file=sys.stderr)
-    print(f"fastlaunch: next: cd {args[0]} && fastlaunch --cpu 2 train.py --epochs 1", file=sys.stderr)
+    launcher_line(f"fastlaunch: created {args[0]} from the {template} template: "
+                  + ", ".join(p.name for p in written))
+    launcher_line(f"fastlaunch: next: cd {args[0]} && fastlaunch --cpu 2 train.py --epochs 1")
     return 0

@@ -64,22 +64,6 @@ def _record_failure(exc: BaseException, status: int) -> None:
         pass
 
 
-def _dataloader_workers_ignore_stop_signals() -> None:
-    """The engine signals each rank's whole process group: DataLoader workers would die of the SIGTERM
-    meant for the rank, and the rank would fail with "DataLoader worker is killed". They ignore it and
-    go with their rank (parent-death signal) or at the DataLoader's own shutdown."""
-    from torch.utils.data._utils import signal_handling
-
-    original = signal_handling._set_worker_signal_handlers
-
-    def _set_worker_signal_handlers(*args):
-        original(*args)
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, signal.SIG_IGN)
-
-    signal_handling._set_worker_signal_handlers = _set_worker_signal_handlers
-
-
 def stop_signal_handler(ctx):
     """SIGTERM/SIGUSR1: inside a distributed fit, ask every rank to stop at one batch and checkpoint;
     elsewhere, leave now with the 'stopped by a signal' status."""
@@ -141,13 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     ctx = RankContext(denv, open_slot(denv.run_dir, denv.local_rank, denv.rank))
     for sig in (signal.SIGTERM, signal.SIGUSR1):  # the engine forwards these: stop at an agreed batch
         signal.signal(sig, stop_signal_handler(ctx))
-    _dataloader_workers_ignore_stop_signals()
+    from .patching import Installation
+    from .torch_patches import TORCH_PATCHES
+
+    Installation(TORCH_PATCHES, ctx)  # for the life of the rank: a script's init joins fastlaunch's group
     rank_device(denv.device_type, denv.local_rank)  # fastai's default_device() is now this rank's GPU
     if denv.seed is not None:
         seed_everything(denv.seed)
-    import torch.distributed as dist
-
-    dist.init_process_group = ctx.comm.guarded_init()  # a script's own init joins fastlaunch's group
     if denv.rank != 0:
         os.environ["WANDB_MODE"] = "disabled"  # wandb.init() in a script would open one run per rank
     from .quiet import quiet_dependency_warnings

@@ -197,3 +197,18 @@ def test_sync_bn_swaps_batchnorm_for_the_fit_and_puts_it_back():
     assert model[1].weight is bn2d.weight and model[1].running_mean is bn2d.running_mean  # shared, not copied
     restore_modules(swapped)
     assert model[1] is bn2d and model[2][1] is bn1d
+
+
+def test_the_workers_torch_patches_undo_and_declare_what_they_replace():
+    import torch.distributed as dist
+    from torch.utils.data._utils import signal_handling
+
+    from fastlaunch.patching import Installation
+    from fastlaunch.torch_patches import TORCH_PATCHES
+
+    before = dist.init_process_group, signal_handling._set_worker_signal_handlers
+    installation = Installation(TORCH_PATCHES, _context())
+    assert not installation.undeclared(), installation.undeclared()
+    assert dist.init_process_group is not before[0] and signal_handling._set_worker_signal_handlers is not before[1]
+    installation.uninstall()
+    assert (dist.init_process_group, signal_handling._set_worker_signal_handlers) == before

@@ -51,3 +51,25 @@ def test_the_rank_side_has_no_global_statement_no_private_learner_field_and_no_s
             if "os.environ" in line and path.name not in ("worker.py",):
                 found.append(where)
     assert not found, "\n".join(found)
+
+
+def test_fastlaunch_lines_go_through_logging_unchanged_and_can_be_quieted(capsys):
+    import logging
+
+    from fastlaunch.lines import LAUNCHER, RANK, launcher_line, rank_line, rank_warning
+
+    launcher_line("fastlaunch: a launcher line")
+    rank_line("fastlaunch: a rank line")
+    rank_warning("fastlaunch: a rank's problem")
+    out, err = capsys.readouterr()
+    assert out == "fastlaunch: a rank line\n"
+    assert err == "fastlaunch: a launcher line\nfastlaunch: a rank's problem\n"  # the message alone, as printed
+    for name in (LAUNCHER, RANK):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        launcher_line("hidden")
+        rank_warning("hidden")
+        assert capsys.readouterr() == ("", "")
+    finally:
+        for name in (LAUNCHER, RANK):
+            logging.getLogger(name).setLevel(logging.INFO)

@@ -28,7 +28,7 @@ def _resume_plan(ctx) -> dict | None:
         denv = ctx.env
         path = denv.resume_from
         if path is None and denv.restart_count > 0 and denv.run_dir is not None:
-            path = checkpoint.latest(denv.run_dir, say=print if ctx.is_rank_zero else None)
+            path = checkpoint.latest(denv.run_dir, say=ctx.say)
         if path is not None:
             ctx.resume_plan = checkpoint.load(path)
             plan = ctx.resume_plan

@@ -149,5 +149,5 @@ class Instrument(LeanCallback):
         if summaries is not None and denv.is_distributed:
             cells = "  ".join(f"r{s['rank']}: {s['step_time'] * 1000:.0f} ms, wait {s['data_wait_frac']:.0%}, "
                               f"{s['syncs_per_step']:.1f} syncs, {s['rss_mb']:.0f} MB" for s in summaries)
-            print(f"fastlaunch: epoch {self.epoch} per rank | {cells}", flush=True)
+            self.ctx.say(f"fastlaunch: epoch {self.epoch} per rank | {cells}")
         del self._train

@@ -14,6 +14,7 @@ from ..options import load_launch_file
 from ..parsing import option_rows, parse_flags, split_argv, switch_flags, value_flags, wants_help
 from ..resolve import count
 from .slurm import SbatchSpec, render_sbatch, submit
+from ..lines import launcher_line
 
 __all__ = ["slurm_main", "spec_from_options", "SLURM_HELP", "OPTIONS"]
 
@@ -93,8 +94,8 @@ def slurm_main(argv: Sequence[str]) -> int:
     try:
         job = submit(text)
     except (OSError, RuntimeError) as err:
-        print(f"fastlaunch: error: sbatch refused the job (got {err}). HINT: run `fastlaunch slurm ...` without "
-              "--submit to see the script, and check the partition and limits", file=sys.stderr)
+        launcher_line(f"fastlaunch: error: sbatch refused the job (got {err}). HINT: run `fastlaunch slurm ...` "
+                      "without --submit to see the script, and check the partition and limits")
         return 1
     print(job)
     return 0
