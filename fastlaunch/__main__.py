@@ -1,5 +1,5 @@
 """`python -m fastlaunch ...` is the same as the `fastlaunch` command."""
-from .cli import run
+from .launcher.cli import run
 
 if __name__ == "__main__":
     run()

@@ -5,8 +5,8 @@ import pytest
 import torch
 from fastai.callback.core import CancelEpochException, CancelFitException, CancelTrainException
 
-from fastlaunch.stopchannel import Preempted, StopChannel
-from fastlaunch.callbacks.metrics import interleave
+from fastlaunch.rank.stopchannel import Preempted, StopChannel
+from fastlaunch.rank.callbacks.metrics import interleave
 
 
 def test_most_severe_request_wins_and_is_marked_agreed():

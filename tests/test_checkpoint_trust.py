@@ -13,7 +13,6 @@ import torch
 import yaml
 
 from fastlaunch import checkpoint
-
 from conftest import SCRIPTS
 
 
@@ -123,7 +122,7 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_previous(
 
 def test_checkpoints_and_run_directories_are_not_world_writable(tmp_path, monkeypatch):
     from fastlaunch.config import LaunchConfig
-    from fastlaunch.rundir import prepare_run_dir
+    from fastlaunch.launcher.rundir import prepare_run_dir
 
     old = os.umask(0o022)
     try:
@@ -138,7 +137,7 @@ def test_checkpoints_and_run_directories_are_not_world_writable(tmp_path, monkey
 
 
 def test_resume_from_a_run_whose_only_checkpoint_is_crafted_is_a_hint_error(run_dir, tmp_path, capsys, monkeypatch):
-    from fastlaunch.cli import main
+    from fastlaunch.launcher.cli import main
 
     (run_dir / "launch.yaml").write_text(yaml.safe_dump({"script": str(SCRIPTS / "plain_ddp.py"), "script_args": [],
                                                          "device": "cpu", "nproc_per_node": 2}))
@@ -168,7 +167,7 @@ def test_stale_temporaries_of_a_killed_writer_are_removed_at_the_next_write_and_
 
 @pytest.mark.parametrize("text", ["device: cpu\nnproc_per_node: 2\n", "[unclosed", "just a string"])
 def test_a_broken_launch_yaml_under_resume_is_a_hint_error(run_dir, tmp_path, capsys, monkeypatch, text):
-    from fastlaunch.cli import main
+    from fastlaunch.launcher.cli import main
 
     (run_dir / "launch.yaml").write_text(text)
     monkeypatch.chdir(tmp_path)

@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 
 from conftest import run_fastlaunch
-from fastlaunch import resolve
-from fastlaunch.cli import main, split_argv
+from fastlaunch.launcher import resolve
+from fastlaunch.launcher.cli import main, split_argv
 from fastlaunch.config import Precision
 from fastlaunch.device import GpuProbe
 from fastlaunch.errors import UsageError
-from fastlaunch.options import merged_options
+from fastlaunch.launcher.options import merged_options
 
 
 def build_config(tokens, script, script_args, **kwargs):

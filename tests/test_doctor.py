@@ -9,8 +9,8 @@ import types
 import torch
 
 from conftest import SCRIPTS, run_fastlaunch
-from fastlaunch.doctor import check_cuda, check_gpu_memory, exit_status
-from fastlaunch.dryrun import first_unexportable
+from fastlaunch.tools.doctor import check_cuda, check_gpu_memory, exit_status
+from fastlaunch.tools.dryrun import first_unexportable
 
 
 def fake_torch(cuda="12.4", count=2, capability=(9, 0), names=("H100",)):

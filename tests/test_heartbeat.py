@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from fastlaunch.hangwatch import find_hung
+from fastlaunch.launcher.hangwatch import find_hung
 from fastlaunch.heartbeat import (IN_FIT, JOINING_GROUP, REACHED_GROUP, WAITING, Beat, Heartbeat, create,
                                   read_beats)
 

@@ -7,8 +7,8 @@ import types
 import pytest
 
 from conftest import SCRIPTS, only_run_dir, run_fastlaunch
-from fastlaunch.instrument import memory
-from fastlaunch.instrument.diagnose import diagnose
+from fastlaunch.rank.instrument import memory
+from fastlaunch.launcher.diagnose import diagnose
 
 SCRIPT = SCRIPTS / "instrument_probe.py"
 

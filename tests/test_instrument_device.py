@@ -11,12 +11,12 @@ import torch
 from fastai.data.load import DataLoader
 
 from conftest import SCRIPTS, only_run_dir, run_fastlaunch
-from fastlaunch.callbacks.placement import pin_batches
-from fastlaunch.instrument import memory, syncs
-from fastlaunch.instrument.audit import SYNC_WARNING, SyncAudit
-from fastlaunch.instrument.timing import Clock
-from fastlaunch.instrument.diagnose import diagnose
-from fastlaunch.integrate.nosync import nonblocking_to_device
+from fastlaunch.rank.callbacks.placement import pin_batches
+from fastlaunch.rank.instrument import memory, syncs
+from fastlaunch.rank.instrument.audit import SYNC_WARNING, SyncAudit
+from fastlaunch.rank.instrument.timing import Clock
+from fastlaunch.launcher.diagnose import diagnose
+from fastlaunch.rank.integrate.nosync import nonblocking_to_device
 
 
 class FakeCuda:
@@ -206,7 +206,7 @@ def test_real_gpu_run_times_with_events_and_audits_without_syncs(tmp_path):
 
 
 def test_instrument_on_a_fake_gpu_rank_times_with_events_and_audits_only_the_first_epoch(counter):
-    from fastlaunch.callbacks.instrument import Instrument
+    from fastlaunch.rank.callbacks.instrument import Instrument
 
     torch_mod, cuda = _fake_torch()
     inst = Instrument()

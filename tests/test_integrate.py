@@ -8,9 +8,9 @@ import torch
 from fastai.basics import Callback, Datasets, Learner
 from torch import nn
 
-from fastlaunch import integrate
-from fastlaunch.callbacks import CALLBACKS, DistributedFit, RankZeroOutput
-from fastlaunch.context import RankContext
+from fastlaunch.rank import integrate
+from fastlaunch.rank.callbacks import CALLBACKS, DistributedFit, RankZeroOutput
+from fastlaunch.rank.context import RankContext
 from fastlaunch.env import DistEnv
 
 
@@ -138,7 +138,7 @@ def test_to_distributed_and_distrib_ctx_do_not_wrap_twice(ctx):
 def test_distributed_dl_name_gives_sharded_dl(ctx):
     import fastai.distributed as fd
 
-    from fastlaunch.sharding import ShardedDL
+    from fastlaunch.rank.sharding import ShardedDL
 
     assert issubclass(fd.DistributedDL, ShardedDL) and fd.DistributedDL.ctx is ctx
 
@@ -163,8 +163,8 @@ def test_export_leaves_fastlaunch_out_and_load_learner_gets_it_back(ctx, tmp_pat
 def test_fastlaunch_callbacks_skip_the_events_they_do_not_handle_and_run_the_rest():
     import types
 
-    from fastlaunch.callbacks import CALLBACKS, Instrument
-    from fastlaunch.callbacks.base import LeanCallback
+    from fastlaunch.rank.callbacks import CALLBACKS, Instrument
+    from fastlaunch.rank.callbacks.base import LeanCallback
 
     assert all(issubclass(cls, LeanCallback) for cls in CALLBACKS)
     assert Instrument._handles >= {"before_batch", "after_batch", "after_train", "after_fit"}
@@ -188,7 +188,7 @@ def test_fastlaunch_callbacks_skip_the_events_they_do_not_handle_and_run_the_res
 def test_sync_bn_swaps_batchnorm_for_the_fit_and_puts_it_back():
     from torch import nn
 
-    from fastlaunch.callbacks.placement import restore_modules, to_sync_batchnorm
+    from fastlaunch.rank.callbacks.placement import restore_modules, to_sync_batchnorm
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
     bn2d, bn1d = model[1], model[2][1]
@@ -203,8 +203,8 @@ def test_the_workers_torch_patches_undo_and_declare_what_they_replace():
     import torch.distributed as dist
     from torch.utils.data._utils import signal_handling
 
-    from fastlaunch.patching import Installation
-    from fastlaunch.torch_patches import TORCH_PATCHES
+    from fastlaunch.rank.patching import Installation
+    from fastlaunch.rank.torch_patches import TORCH_PATCHES
 
     before = dist.init_process_group, signal_handling._set_worker_signal_handlers
     installation = Installation(TORCH_PATCHES, _context())

@@ -6,11 +6,11 @@ import os
 import pytest
 
 from conftest import REPO
-from fastlaunch.cli import main
+from fastlaunch.launcher.cli import main
 from fastlaunch.device import GpuProbe
 from fastlaunch.errors import UsageError
-from fastlaunch.options import SLURM_KEYS, load_accelerate_config, load_launch_file, merged_options
-from fastlaunch.resolve import build_config
+from fastlaunch.launcher.options import SLURM_KEYS, load_accelerate_config, load_launch_file, merged_options
+from fastlaunch.launcher.resolve import build_config
 
 CONFIGS = sorted((REPO / "launch_configs").glob("*.yaml"))
 

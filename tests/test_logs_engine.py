@@ -8,9 +8,9 @@ import types
 from pathlib import Path
 
 from fastlaunch.config import LaunchConfig
-from fastlaunch.engine import elastic_config, worker_args
-from fastlaunch.outcome import root_cause
-from fastlaunch.logs import ConsoleFollower, RankLogsSpecs, tail_lines
+from fastlaunch.launcher.engine import elastic_config, worker_args
+from fastlaunch.launcher.outcome import root_cause
+from fastlaunch.launcher.logs import ConsoleFollower, RankLogsSpecs, tail_lines
 
 
 def test_logs_per_global_rank_and_attempt(tmp_path):
@@ -79,7 +79,7 @@ def test_engine_config_one_node_loopback(tmp_path):
     elastic = elastic_config(replace(cfg, min_nodes=1, max_nodes=4, rdzv_endpoint="h:1", rdzv_id="x"),
                              RankLogsSpecs(tmp_path))
     assert (elastic.rdzv_backend, elastic.min_nodes, elastic.max_nodes, elastic.run_id) == ("c10d", 1, 4, "x")
-    assert worker_args(cfg) == ["-m", "fastlaunch.worker", "/s/train.py", "--x", ""]
+    assert worker_args(cfg) == ["-m", "fastlaunch.rank.worker", "/s/train.py", "--x", ""]
 
 
 def test_engine_chatter_is_quiet_down_to_torchs_module_loggers():
@@ -87,7 +87,7 @@ def test_engine_chatter_is_quiet_down_to_torchs_module_loggers():
 
     import torch.distributed.elastic.agent.server.api  # noqa: F401  (its logger sets its own WARNING level)
 
-    from fastlaunch.engine import _quiet_engine
+    from fastlaunch.launcher.engine import _quiet_engine
 
     _quiet_engine(False)
     for name in ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api"):
@@ -97,7 +97,7 @@ def test_engine_chatter_is_quiet_down_to_torchs_module_loggers():
 def test_launcher_lines_after_rank_zero_start_on_a_fresh_line(tmp_path):
     import io
 
-    from fastlaunch.logs import ConsoleFollower
+    from fastlaunch.launcher.logs import ConsoleFollower
 
     log = tmp_path / "rank0.log"
     log.write_bytes(b"epoch 0 done\nEpoch 1/1 : |\xe2\x96\x88\xe2\x96\x88------| 40.00% [2/5 00:01<00:01]")

@@ -11,15 +11,16 @@ import pytest
 import yaml
 
 from conftest import REPO
-from fastlaunch import cli, option_table, resolve
-from fastlaunch.cluster.slurm_command import OPTIONS as SLURM_COMMAND_OPTIONS
-from fastlaunch.cluster.slurm_command import SLURM_HELP
+from fastlaunch.launcher import cli, resolve
+from fastlaunch import option_table
+from fastlaunch.tools.cluster.slurm_command import OPTIONS as SLURM_COMMAND_OPTIONS
+from fastlaunch.tools.cluster.slurm_command import SLURM_HELP
 from fastlaunch.config import LaunchConfig, Precision
 from fastlaunch.device import GpuProbe
 from fastlaunch.env import DistEnv
 from fastlaunch.option_table import LAUNCHER_OPTIONS, RESOLVED_RANK_VARS, SLURM_OPTIONS
-from fastlaunch.options import DEFAULTS, merged_options, options_of_run, parse_tokens
-from fastlaunch.rundir import prepare_run_dir
+from fastlaunch.launcher.options import DEFAULTS, merged_options, options_of_run, parse_tokens
+from fastlaunch.launcher.rundir import prepare_run_dir
 
 PACKAGE = REPO / "fastlaunch"
 RANK_VARS = [o.to_ranks for o in LAUNCHER_OPTIONS if o.to_ranks] + list(RESOLVED_RANK_VARS)
@@ -136,7 +137,7 @@ def test_slurm_passes_on_the_marked_options_only(tmp_path, capsys, monkeypatch):
     assert "unknown launcher flag before the script (got --hang-timeout)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("module", ["fastlaunch.cli", "fastlaunch.cluster.slurm_command"])
+@pytest.mark.parametrize("module", ["fastlaunch.launcher.cli", "fastlaunch.tools.cluster.slurm_command"])
 def test_each_entry_module_imports_alone(module):
     proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -158,21 +159,21 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_slurm_command_never_imports_the_cli():
-    seen, todo = set(), ["fastlaunch.cluster.slurm_command"]
+    seen, todo = set(), ["fastlaunch.tools.cluster.slurm_command"]
     while todo:
         name = todo.pop()
         if name not in seen:
             seen.add(name)
             todo += _imports(REPO / (name.replace(".", "/") + ".py"))
-    assert "fastlaunch.cli" not in seen and "fastlaunch.parsing" in seen
+    assert "fastlaunch.launcher.cli" not in seen and "fastlaunch.launcher.parsing" in seen
 
 
 def test_launcher_modules_read_the_environment_through_env_py():
-    launcher = ["cli", "config", "engine", "doctor", "doctor_cli", "resolve", "options", "option_table", "parsing",
-                "report_command", "scaffold", "rundir", "dryrun", "cluster/slurm", "cluster/slurm_command"]
-    for name in launcher:
-        assert "os.environ" not in (PACKAGE / f"{name}.py").read_text(), name
-    assert "report_main" not in (PACKAGE / "engine.py").read_text()
+    files = [PACKAGE / "config.py", PACKAGE / "option_table.py", PACKAGE / "device.py",
+             *sorted((PACKAGE / "launcher").rglob("*.py")), *sorted((PACKAGE / "tools").rglob("*.py"))]
+    for path in files:
+        assert "os.environ" not in path.read_text(), path
+    assert "report_main" not in (PACKAGE / "launcher" / "engine.py").read_text()
 
 
 def test_every_subcommand_answers_help(capsys):

@@ -15,7 +15,6 @@ import yaml
 
 from conftest import SCRIPTS
 from fastlaunch import checkpoint
-
 SCRIPT = SCRIPTS / "resume_probe.py"
 
 
@@ -137,7 +136,7 @@ def test_a_failure_restarts_and_resumes_from_the_last_epoch(tmp_path):
 
 
 def test_resume_without_checkpoint_is_a_hint_error(tmp_path, capsys):
-    from fastlaunch.cli import main
+    from fastlaunch.launcher.cli import main
 
     run = tmp_path / "runs" / "x"
     run.mkdir(parents=True)

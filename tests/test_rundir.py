@@ -8,7 +8,7 @@ import yaml
 
 from fastlaunch.config import LaunchConfig
 from fastlaunch.errors import UsageError
-from fastlaunch.rundir import prepare_run_dir
+from fastlaunch.launcher.rundir import prepare_run_dir
 
 
 def _cfg(run_dir=None):

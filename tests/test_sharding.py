@@ -7,7 +7,7 @@ from fastai.data.load import DataLoader
 from torch.utils.data import IterableDataset, SubsetRandomSampler
 
 from fastlaunch.errors import UsageError
-from fastlaunch.sharding import ShardedDL, batch_shards, shard_indices, shard_sizes
+from fastlaunch.rank.sharding import ShardedDL, batch_shards, shard_indices, shard_sizes
 
 
 def _ids(batches):

@@ -11,14 +11,14 @@ import types
 import pytest
 
 from conftest import REPO, SCRIPTS
-from fastlaunch.cli import main
-from fastlaunch.cluster.slurm import (SbatchSpec, job_port, node_addr, parse_nodelist, render_sbatch,
+from fastlaunch.launcher.cli import main
+from fastlaunch.tools.cluster.slurm import (SbatchSpec, job_port, node_addr, parse_nodelist, render_sbatch,
                                       rendezvous_endpoint)
 from fastlaunch.device import GpuProbe
 from fastlaunch.env import SlurmFacts
 from fastlaunch.errors import UsageError
-from fastlaunch.options import DEFAULTS
-from fastlaunch.resolve import build_config
+from fastlaunch.launcher.options import DEFAULTS
+from fastlaunch.launcher.resolve import build_config
 
 GOLDEN = REPO / "tests" / "golden" / "slurm_2nodes_8gpus.sbatch"
 STEP = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[01-02]",

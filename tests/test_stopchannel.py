@@ -14,9 +14,9 @@ RANK_SCRIPT = textwrap.dedent('''
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
     from fastai.callback.core import CancelEpochException, CancelFitException, CancelTrainException
-    from fastlaunch.comm import Comm
+    from fastlaunch.rank.comm import Comm
     from fastlaunch.env import DistEnv
-    from fastlaunch.stopchannel import KINDS, Preempted, StopChannel, flag_bucket_hook
+    from fastlaunch.rank.stopchannel import KINDS, Preempted, StopChannel, flag_bucket_hook
 
     rank, store_file, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
@@ -113,7 +113,7 @@ def test_every_stop_kind_asked_on_one_rank_stops_both_at_the_same_point(tmp_path
 def test_the_flag_layout_is_the_payload_then_one_flag_per_kind(asked):
     import torch
 
-    from fastlaunch.stopchannel import KINDS, StopChannel
+    from fastlaunch.rank.stopchannel import KINDS, StopChannel
 
     channel = StopChannel(torch.device("cpu"))
     channel.request(KINDS[asked])

@@ -9,7 +9,7 @@ import zipfile
 import pytest
 
 from conftest import REPO, run_fastlaunch
-from fastlaunch.cli import main
+from fastlaunch.launcher.cli import main
 
 # Validation accuracy a guess gets, and what one epoch must clearly beat.
 CHANCE = {"minimal": (0.5, 0.75), "vision": (0.1, 0.5), "tabular": (0.63, 0.85), "text": (0.5, 0.75)}

@@ -3,7 +3,7 @@ import torch
 import torch.distributed as dist
 from fastai.basics import Callback
 
-from fastlaunch.instrument.syncs import SyncCounter
+from fastlaunch.rank.instrument.syncs import SyncCounter
 
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "gather_object", "broadcast",
                 "broadcast_object_list", "barrier", "reduce")

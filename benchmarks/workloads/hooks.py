@@ -7,7 +7,7 @@ import timeit
 import torch
 from fastai.basics import Callback
 
-from fastlaunch.callbacks.instrument import Instrument, TimedLoader
+from fastlaunch.rank.callbacks.instrument import Instrument, TimedLoader
 
 _TENSOR = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__")
 

@@ -14,7 +14,7 @@ OUT = os.environ["FL_PROBE_OUT"]
 RANK = int(os.environ.get("RANK", 0))
 allreduces = [0]
 if "RANK" in os.environ:  # count the gradient all-reduces DDP makes through fastlaunch's comm hook
-    from fastlaunch.callbacks import placement
+    from fastlaunch.rank.callbacks import placement
 
     original = placement.flag_bucket_hook  # one gradient all-reduce per bucket
 

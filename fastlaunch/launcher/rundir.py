@@ -1,0 +1,49 @@
+"""The run directory: runs/<YYYYmmdd-HHMMSS>-<stem>[-N]/, created once, never shared by two runs."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import yaml
+
+from ..config import LaunchConfig
+from ..errors import UsageError
+
+__all__ = ["prepare_run_dir", "LAUNCH_FILE"]
+
+LAUNCH_FILE = "launch.yaml"
+
+
+def _claim_unique(root: Path, name: str) -> Path:
+    """mkdir is atomic: the first run to create a name owns it; later ones take -2, -3, ..."""
+    root.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = root / (name if n == 1 else f"{name}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise UsageError("no free run directory name", root / name, "clean up old runs or pass --run-dir")
+
+
+def prepare_run_dir(config: LaunchConfig, root: Path = Path("runs"), now: float | None = None) -> LaunchConfig:
+    """Create the run directory (or check the one given), write launch.yaml, return the final config."""
+    try:
+        if config.run_dir is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+            path = _claim_unique(root.resolve(), f"{stamp}-{config.script.stem}")
+        else:
+            path = config.run_dir
+            if (path / LAUNCH_FILE).exists():
+                raise UsageError("--run-dir already holds another run", path,
+                                 "pass a new directory, or leave --run-dir out for a fresh runs/<stamp>-<stem>")
+            path.mkdir(parents=True, exist_ok=True)
+        (path / "logs").mkdir(exist_ok=True)
+        config = dataclasses.replace(config, run_dir=path)
+        (path / LAUNCH_FILE).write_text(yaml.safe_dump(config.as_dict(), sort_keys=False))
+    except OSError as err:
+        raise UsageError("cannot write the run directory", f"{err.filename or config.run_dir}: {err.strerror}",
+                         "pass --run-dir pointing to a writable place") from None
+    return config

@@ -1,0 +1,73 @@
+"""fastai integration: fastlaunch's callbacks on every Learner, and the one home of every fastai patch.
+
+Each patch is a Patch object (patching.py) that fixes one named defect of fastai under data parallelism,
+declares the names it replaces, and has a test. `install(ctx)` applies them all for one rank context and
+returns an Installation whose `uninstall()` leaves fastai exactly as it found it. core.py: the fit and
+distributed path; dispatch.py: the observed event dispatch; side_effects.py: what a fit does besides
+training; nosync.py: fastai's per-step host-device syncs; accumulate.py: gradient accumulation.
+"""
+from __future__ import annotations
+
+from ...errors import UsageError
+from ..patching import Installation, patch
+from .accumulate import ACCUMULATE_PATCHES
+from .core import CORE_PATCHES, fastlaunch_callbacks
+from .nosync import NOSYNC_PATCHES
+from .side_effects import SIDE_EFFECT_PATCHES
+
+__all__ = ["install", "PATCHES", "fastlaunch_callbacks", "SUPPORTED_FASTAI", "check_fastai_version"]
+
+# The fastai releases these patches were written against (pyproject.toml declares the same range).
+SUPPORTED_FASTAI = ((2, 8), (2, 9))
+
+
+def check_fastai_version(version: str) -> None:
+    """Refuse a fastai these patches were not written for: they replace fastai's internals by name."""
+    low, high = SUPPORTED_FASTAI
+    try:
+        parts = tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:
+        parts = ()
+    if not parts or not low <= parts < high:
+        span = f">={'.'.join(map(str, low))},<{'.'.join(map(str, high))}"
+        raise UsageError("this fastai version is not one fastlaunch supports", f"fastai {version}",
+                         f"pip install 'fastai{span}'")
+
+
+@patch("types.SimpleNamespace().cpus", "types.SimpleNamespace().callbacks")
+def callbacks_and_cores(ctx, p) -> None:
+    """fastlaunch's callbacks (bound to this rank context) on every Learner through fastai's default
+    callbacks; DataLoader workers sized to the rank's share of the cores, not every core."""
+    from fastcore.basics import defaults
+
+    from ..callbacks import CALLBACKS
+    from ..context import bind
+
+    if ctx.env.cpus_per_rank:
+        p.set(defaults, "cpus", ctx.env.cpus_per_rank)
+    if getattr(defaults, "callbacks", None) is None:
+        p.set(defaults, "callbacks", [])
+    ctx.callback_classes = tuple(bind(cls, ctx) for cls in CALLBACKS)
+    for cls in ctx.callback_classes:
+        p.append(defaults.callbacks, cls)
+
+
+PATCHES = CORE_PATCHES + SIDE_EFFECT_PATCHES + NOSYNC_PATCHES + ACCUMULATE_PATCHES + (callbacks_and_cores,)
+
+
+def install(ctx) -> Installation:
+    """Apply every patch for this rank context; the returned Installation undoes them."""
+    import fastai
+
+    check_fastai_version(fastai.__version__)
+    import fastai.basics  # noqa: F401  (learner, data, callbacks: what the patches rebind)
+    import fastai.callback.all  # noqa: F401
+    import fastai.distributed  # noqa: F401
+
+    def forget() -> None:
+        ctx.callback_classes = ()
+        if ctx.syncs is not None:  # the sync counter's torch.Tensor wrappers go with the patches
+            ctx.syncs.uninstall()
+            ctx.syncs = None
+
+    return Installation(PATCHES, ctx, on_uninstall=forget)

@@ -1,0 +1,177 @@
+"""The stop channel: how a stop asked on one rank (a cancel raised by a callback, a signal) stops every rank
+at the same batch, with no collective of its own during training.
+
+The protocol's invariant. Every rank of a distributed fit runs the same fastai events in the same order
+(the sharded loaders give every rank the same number of batches), and at each of the points below every
+rank calls the same collective with the same layout: its payload followed by this channel's flags
+(one per KIND, most severe first). So every rank receives the same summed flags at the same point, and
+`agree` on identical flags raises the identical exception on every rank. No rank acts on its own request:
+a request only ever travels (`request` -> `piggyback` -> the collective -> `unpack` -> `agree`).
+The points, all owned by this module's API:
+  - each training step: the flags ride after the gradients in DDP's last bucket (`flag_bucket_hook`),
+    read after backward (on GPUs one step later, without a host wait);
+  - end of training: the recorder's epoch reduction (`piggyback`/`unpack`);
+  - end of validation: the whole-set metrics gather (`outgoing_list`/`combine`);
+  - end of each epoch, after the trackers: one small all-reduce of the flags alone (`exchange`).
+A preemption is acted on only between batches or at an epoch's end; elsewhere it stays pending, on
+every rank alike, until the epoch's end.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from fastai.callback.core import CancelEpochException, CancelFitException, CancelTrainException
+
+from ..config import STOPPED_BY_SIGNAL
+
+__all__ = ["StopChannel", "Preempted", "ROUTED", "KINDS", "flag_bucket_hook"]
+
+
+class Preempted(Exception):
+    """A stop asked by a signal (SIGTERM, SIGUSR1): checkpoint, then leave with STOPPED_BY_SIGNAL."""
+
+
+# The cancels fastai's callbacks raise, routed through the channel.
+ROUTED = (CancelFitException, CancelEpochException, CancelTrainException)
+# Every kind of stop, most severe first: a request for a bigger stop wins when several are pending.
+KINDS = (Preempted, *ROUTED)
+
+
+class StopChannel:
+    """One distributed fit's stop requests: this rank's pending flags, and the flags last received."""
+
+    def __init__(self, device: torch.device, comm: Any = None,
+                 quiet_reads: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+        self.device, self.comm, self.quiet_reads = device, comm, quiet_reads
+        self.pending = [0] * len(KINDS)
+        self.active = False
+        self.on_preempt: Callable[[str], None] | None = None  # called on every rank before leaving
+        self._received: torch.Tensor | None = None
+        self._in_flight: tuple[torch.Tensor, Any] | None = None
+
+    # -- asking ---------------------------------------------------------------------------------------------
+    def request(self, exc_type: type) -> None:
+        """Hold a stop asked on this rank until every rank can act on it."""
+        for i, cls in enumerate(KINDS):
+            if issubclass(exc_type, cls):
+                self.pending[i] = 1
+                return
+
+    # -- the flag layout: always after the payload, len(KINDS) numbers --------------------------------------
+    def outgoing(self, dtype=torch.float32) -> torch.Tensor:
+        """This rank's flags as a tensor."""
+        return torch.tensor(self.pending, dtype=dtype, device=self.device)
+
+    def piggyback(self, payload: torch.Tensor) -> torch.Tensor:
+        """payload with this rank's flags appended, for a sum-reduction every rank makes at this point."""
+        return torch.cat([payload, self.outgoing(payload.dtype).to(payload.device)])
+
+    @staticmethod
+    def unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(payload, summed flags) of a reduced piggybacked tensor."""
+        return packed[: -len(KINDS)], packed[-len(KINDS):]
+
+    def outgoing_list(self) -> list[int]:
+        """This rank's flags for an object gather."""
+        return list(self.pending)
+
+    @staticmethod
+    def combine(gathered: list[list[int]]) -> list[float]:
+        """The summed flags of every rank's outgoing_list."""
+        return [float(sum(flags[i] for flags in gathered)) for i in range(len(KINDS))]
+
+    def exchange(self) -> list[float]:
+        """The flags alone, summed over ranks (one small all-reduce)."""
+        flags = self.outgoing()
+        self.comm.all_reduce(flags)
+        return flags.tolist()
+
+    # -- what backward carried ------------------------------------------------------------------------------
+    def receive(self, summed: torch.Tensor) -> None:
+        """Keep the summed flags from the last gradient all-reduce (read after backward)."""
+        self._received = summed
+
+    def take_received(self) -> list[float] | None:
+        """The flags carried by a backward, the same on every rank at the same step.
+
+        On CPU they are read at once. On a GPU, reading them now would block the host until the
+        all-reduce finishes (a sync per step), so they are copied without blocking and read one step
+        later: every rank still acts at the same step, one batch after the request.
+        """
+        received, self._received = self._received, None
+        if received is None:
+            return None
+        if received.device.type != "cuda":
+            with self.quiet_reads():  # already on the host: reading it waits for nothing
+                return received.tolist()
+        previous, event = self._in_flight or (None, None)
+        host = received.to("cpu", non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._in_flight = (host, done)
+        if previous is None or event is None:
+            return None
+        event.synchronize()  # recorded a whole step ago: already complete in practice
+        with self.quiet_reads():
+            return previous.tolist()
+
+    # -- acting -----------------------------------------------------------------------------------------------
+    def agree(self, summed: list[float], allowed: tuple[type, ...] = KINDS, position: str = "batch") -> None:
+        """Act, on every rank alike, on the most severe stop any rank asked for (if allowed here)."""
+        self.pending = [0] * len(KINDS)
+        for flag, cls in zip(summed, KINDS):
+            if flag <= 0:
+                continue
+            if cls is Preempted and Preempted not in allowed:
+                self.pending[0] = 1  # every rank saw the same sum: every rank keeps it for the epoch's end
+                continue
+            if cls not in allowed:
+                continue
+            if cls is Preempted:
+                if self.on_preempt is not None:
+                    self.on_preempt(position)
+                raise SystemExit(STOPPED_BY_SIGNAL)
+            exc = cls()
+            exc.agreed = True  # raised by agreement: not intercepted again
+            raise exc
+
+
+def _done(value: torch.Tensor) -> torch.futures.Future:
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(value)
+    return fut
+
+
+def flag_bucket_hook(channel: StopChannel, bucket) -> torch.futures.Future:
+    """DDP comm hook: average the gradients; on the last bucket, sum the stop flags alongside.
+
+    On CPU (gloo) each bucket is reduced on the calling thread: a Python continuation run by a gloo
+    thread takes CPython's thread-state lock, and a DataLoader worker forked at that instant deadlocks
+    in the child. On GPUs (NCCL) the work's future completes as it is enqueued, so the continuation
+    runs on the calling thread anyway and the reduction stays overlapped with the backward pass.
+    """
+    world = dist.get_world_size()
+    buffer = bucket.buffer()
+    last = bucket.is_last()
+    packed = channel.piggyback(buffer.div(world)) if last else buffer.div_(world)
+
+    def unpack(tensor: torch.Tensor) -> torch.Tensor:
+        if not last:
+            return tensor
+        grads, flags = channel.unpack(tensor)
+        channel.receive(flags)
+        return grads
+
+    if buffer.device.type == "cpu":
+        channel.comm.reduce_gradients(packed)
+        return _done(unpack(packed))
+    fut = channel.comm.reduce_gradients(packed, async_op=True).get_future()
+    return fut.then(lambda f: unpack(f.value()[0]))
+
+
+# DDP checks the hook's annotations as objects; this module's postponed annotations are strings.
+flag_bucket_hook.__annotations__.update(bucket=dist.GradBucket, channel=StopChannel,
+                                        **{"return": torch.futures.Future[torch.Tensor]})
