@@ -50,9 +50,9 @@ def test_no_collective_per_batch_from_fastlaunch_or_fastai(tmp_path):
     for r in (r0, r1):
         assert r["calls"]["train_batch"] == 0
         assert r["calls"]["valid_batch"] == 0
-        # per epoch: three small reductions (recorder, metrics, stops) and the instrumentation's barrier and
-        # gather, two epochs
-        assert r["calls"]["outside"] == 5 * 2
+        # per epoch: the recorder's and the stops' all_reduce, the metrics' gather (two all_gathers: sizes, then
+        # bytes), the instrumentation's barrier and its gather (two all_gathers); two epochs
+        assert r["calls"]["outside"] == 7 * 2
     _assert_recorders_identical(r0, r1)
 
 

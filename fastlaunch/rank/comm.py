@@ -6,8 +6,10 @@ launcher's hang watch tells a rank waiting for its peers from the one they wait 
 """
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
+import pickle
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -38,6 +40,7 @@ class Comm:
         self._grad_all_reduce = dist.all_reduce  # torch's own, for DDP's gradient traffic (see reduce_gradients)
         self._first_calls = itertools.count()  # the same sequence on every rank: every rank makes the same calls
         self._store_client: Any = None
+        self._held: collections.deque = collections.deque(maxlen=self._KEEP)  # see _run
 
     @property
     def is_rank_zero(self) -> bool:
@@ -107,38 +110,81 @@ class Comm:
             dist.destroy_process_group()
 
     # -- collectives --------------------------------------------------------------------------------------
+    # On gloo a collective's work, and the tensors it holds, may be released by a gloo thread after the caller
+    # has moved on; the release of a tensor whose Python object is gone takes the GIL on that thread, and a
+    # DataLoader worker forked at that instant (every epoch starts some) deadlocks in the child. So every
+    # blocking collective is waited for here and its work kept until a few later ones: its last reference is
+    # dropped by this thread.
+    _KEEP = 4
+
+    def _run(self, collective: Callable[..., Any], *args, **kwargs) -> None:
+        with self.beats.in_collective():
+            work = collective(*args, async_op=True, **kwargs)
+            if work is not None:
+                work.wait()
+        self._held.append((work, args))
+
     def barrier(self) -> None:
         """Wait for every rank."""
         if self.ensure_group():
-            with self.beats.in_collective():
-                dist.barrier()
+            self._run(dist.barrier)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over ranks in place and return it."""
         if self.ensure_group():
-            with self.beats.in_collective():
-                dist.all_reduce(tensor)
+            self._run(dist.all_reduce, tensor)
         return tensor
 
     def reduce_gradients(self, packed: torch.Tensor, async_op: bool = False):
         """Sum DDP's gradient bucket (with the stop flags) over ranks: DDP's own traffic, made with torch's
         all_reduce as captured at start (a script's counting wrappers see fastlaunch's collectives, not the
         gradients). Blocking on CPU; on GPUs returns the work handle, whose wait belongs to the device."""
-        with self.beats.in_collective():
-            work = self._grad_all_reduce(packed, async_op=async_op)
-        return work if async_op else packed
+        if async_op:
+            with self.beats.in_collective():
+                return self._grad_all_reduce(packed, async_op=True)
+        self._run(self._grad_all_reduce, packed)
+        return packed
 
     def broadcast_tensors(self, tensors, src: int = 0) -> None:
         """Rank src's values into every rank's tensors, in place."""
         if self.ensure_group():
-            with self.beats.in_collective():
-                for tensor in tensors:
-                    dist.broadcast(tensor, src=src)
+            for tensor in tensors:
+                self._run(dist.broadcast, tensor, src=src)
+
+    def _on_host(self) -> bool:
+        return self.env.backend == "gloo"
+
+    def _all_gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's bytes, in rank order (two all_gathers of tensors this thread releases)."""
+        world = self.env.world_size
+        size = torch.tensor([len(data)], dtype=torch.long)
+        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+        self._run(dist.all_gather, sizes, size)
+        lengths = [int(n) for n in torch.cat(sizes).tolist()]
+        padded = torch.zeros(max(lengths), dtype=torch.uint8)
+        if data:
+            padded[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        parts = [torch.empty(max(lengths), dtype=torch.uint8) for _ in range(world)]
+        self._run(dist.all_gather, parts, padded)
+        return [part[:n].numpy().tobytes() for part, n in zip(parts, lengths)]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's obj, in rank order, on every rank."""
+        if not self.ensure_group():
+            return [obj]
+        if self._on_host():
+            return [pickle.loads(b) for b in self._all_gather_bytes(pickle.dumps(obj))]
+        out: list[Any] = [None] * self.env.world_size
+        with self.beats.in_collective():
+            dist.all_gather_object(out, obj)
+        return out
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         """Rank src's obj on every rank."""
         if not self.ensure_group():
             return obj
+        if self._on_host():
+            return pickle.loads(self._all_gather_bytes(pickle.dumps(obj) if self.env.rank == src else b"")[src])
         box = [obj]
         with self.beats.in_collective():
             dist.broadcast_object_list(box, src=src)
@@ -148,18 +194,12 @@ class Comm:
         """Every rank's obj, in rank order, on rank 0; None elsewhere."""
         if not self.ensure_group():
             return [obj]
+        if self._on_host():
+            everyone = self.all_gather_object(obj)
+            return everyone if self.env.rank == 0 else None
         out = [None] * self.env.world_size if self.env.rank == 0 else None
         with self.beats.in_collective():
             dist.gather_object(obj, out, dst=0)
-        return out
-
-    def all_gather_object(self, obj: Any) -> list[Any]:
-        """Every rank's obj, in rank order, on every rank."""
-        if not self.ensure_group():
-            return [obj]
-        out: list[Any] = [None] * self.env.world_size
-        with self.beats.in_collective():
-            dist.all_gather_object(out, obj)
         return out
 
     # -- waits on the store (no process group) -----------------------------------------------------------
