@@ -7,9 +7,9 @@ STAMP  := $(VENV)/.installed-stamp
 .PHONY: install demo lint test bench clean
 
 $(STAMP): pyproject.toml
-	@echo "fastlaunch: installing torch, fastai and the test tools into $(VENV) (a few minutes the first time)"
+	@echo "fastlaunch: installing torch, fastai, the notebook extra and the test tools into $(VENV) (a few minutes the first time)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --progress-bar off --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install --progress-bar off --disable-pip-version-check -e '.[test,notebook]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -11,6 +11,7 @@ from ..device import GpuProbe, bf16_supported, probe_gpus, usable_cores
 from ..env import SlurmFacts, launcher_environ
 from ..errors import UsageError
 from ..lines import launcher_line
+from ..notebooks import code_cells, is_notebook
 
 __all__ = ["build_config", "count"]
 
@@ -113,6 +114,9 @@ def _check_script(path: Path, script: str) -> None:
         raise UsageError("script not found", script, "check the path; the script comes after the launcher flags")
     if not path.is_file():
         raise UsageError("script is not a file", script, "pass a Python file such as train.py")
+    if is_notebook(path):  # its cells may hold magics: read as a notebook, not compiled as Python
+        code_cells(path)
+        return
     try:
         compile(path.read_bytes(), str(path), "exec")
     except (SyntaxError, ValueError, UnicodeDecodeError) as err:

@@ -88,14 +88,19 @@ def _exit_code(code: object) -> int:
     return 1
 
 
-def _run_script(script: str, args: list[str]) -> int:
+def _run_script(script: str, args: list[str], ctx) -> int:
     """Run the user's script as __main__ with its own argv; return its exit status."""
     from ..errors import UsageError
 
     sys.argv = [script, *args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     try:
-        runpy.run_path(script, run_name="__main__")
+        if script.endswith(".ipynb"):  # a notebook as a job: its cells in order (notebook.py)
+            from .notebook import run_notebook
+
+            run_notebook(script, args, ctx.env.run_dir, ctx.is_rank_zero)
+        else:
+            runpy.run_path(script, run_name="__main__")
     except SystemExit as exc:
         return _exit_code(exc.code)
     except UsageError as exc:  # a mistake the user made (e.g. an unshardable DataLoader): one line
@@ -157,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch._dynamo  # noqa: F401
     status = 1
     try:
-        status = _run_script(argv[0], argv[1:])
+        status = _run_script(argv[0], argv[1:], ctx)
     finally:
         try:
             ctx.comm.shutdown()  # without this a gloo rank can exit by SIGABRT after an uncaught exception
