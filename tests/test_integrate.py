@@ -212,3 +212,14 @@ def test_the_workers_torch_patches_undo_and_declare_what_they_replace():
     assert dist.init_process_group is not before[0] and signal_handling._set_worker_signal_handlers is not before[1]
     installation.uninstall()
     assert (dist.init_process_group, signal_handling._set_worker_signal_handlers) == before
+
+
+def test_reset_forgets_the_fits_sequences_and_lines_of_a_context(ctx):
+    learn = _learner()
+    learn.fit(1)
+    ctx.say("fastlaunch: a line said once", once=True)
+    assert next(ctx.fit_numbers) == 1 and ctx.said
+    ctx.resume_plan, ctx.resume_read = {"fit_index": 0}, True
+    ctx.reset()
+    assert next(ctx.fit_numbers) == 0 and next(ctx.loader_numbers) == 0
+    assert not ctx.said and ctx.resume_plan is None and not ctx.resume_read and ctx.fit_of(learn) is None

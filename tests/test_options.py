@@ -208,3 +208,16 @@ def test_new_takes_its_flags_anywhere(tmp_path, capsys):
 
 def test_slurm_keys_of_a_launch_config():
     assert option_table.SLURM_KEYS == ("nodes", "time", "partition", "cpus_per_rank", "grace", "job_name")
+
+
+def test_the_readme_flag_table_lists_every_launcher_option_and_no_other():
+    import re
+
+    from fastlaunch.option_table import LAUNCHER_OPTIONS
+
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| flag | meaning |"):]
+    table = table[: table.index("\n\n")]
+    written = set(re.findall(r"`(--[a-z-]+)", table))
+    declared = {flag for option in LAUNCHER_OPTIONS for flag in option.flags}
+    assert written == declared, f"README only: {sorted(written - declared)}; not in README: {sorted(declared - written)}"
