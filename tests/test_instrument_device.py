@@ -238,3 +238,10 @@ def test_instrument_on_a_fake_gpu_rank_times_with_events_and_audits_only_the_fir
     assert "audit_steps" not in second and second["step_time"] == pytest.approx(0.010)
     assert cuda.modes == ["warn", "default"]  # one window, closed
     assert inst.learn.dl == list(range(6))  # the loader is given back unwrapped
+
+
+def test_on_several_nodes_a_missing_rank_is_named_with_its_node():
+    found = diagnose([_record(rank=0), _record(rank=1)], missing=[3, 2], last_epoch={2: 1}, ranks_per_node=2)
+    assert "rank 3 (node 1) is missing from the report: it died or never trained (see its log)" in found
+    assert "rank 2 (node 1) is missing from the report after epoch 1: it died (see its log)" in found
+    assert any(d.startswith("rank 3 is missing") for d in diagnose([_record()], missing=[3]))  # one node: no node

@@ -51,11 +51,16 @@ def _syncs(rank: int, recs: list[dict]) -> list[str]:
     return found
 
 
-def diagnose(records: list[dict], missing: Sequence[int] = (), last_epoch: dict | None = None) -> list[str]:
+def diagnose(records: list[dict], missing: Sequence[int] = (), last_epoch: dict | None = None,
+             ranks_per_node: int | None = None) -> list[str]:
     """Why training is slow or short of memory, as far as the records tell."""
     last_epoch = last_epoch or {}
-    found = [f"rank {r} is missing from the report after epoch {last_epoch[r]}: it died (see its log)"
-             if r in last_epoch else f"rank {r} is missing from the report: it died or never trained (see its log)"
+
+    def who(r: int) -> str:
+        return f"rank {r} (node {r // ranks_per_node})" if ranks_per_node else f"rank {r}"
+
+    found = [f"{who(r)} is missing from the report after epoch {last_epoch[r]}: it died (see its log)"
+             if r in last_epoch else f"{who(r)} is missing from the report: it died or never trained (see its log)"
              for r in missing]
     ranks = _by_rank(records)
     if not ranks:

@@ -69,13 +69,25 @@ def _quiet_engine(verbose: bool) -> None:
         logging.basicConfig(level=logging.INFO, format="fastlaunch(engine): %(message)s")
 
 
+def _report_world(config: LaunchConfig) -> int:
+    """The ranks the report accounts for: this node's on one node; on several, every rank where rank 0 ran
+    (its run directory receives every rank's records) and a fixed number of nodes; else 0 (this node's view,
+    naming no rank missing)."""
+    if not config.multi_node:
+        return config.nproc_per_node
+    assert config.run_dir is not None
+    holds_rank_zero = (config.run_dir / "logs" / "rank0.log").exists()
+    return config.nproc_per_node * config.max_nodes if holds_rank_zero and config.min_nodes == config.max_nodes else 0
+
+
 def _report(config: LaunchConfig, failed: list[int]) -> None:
     """report.json and report.png from the ranks' records; the diagnoses on the console."""
     from .report import build_report, render_text
 
     assert config.run_dir is not None  # the launcher made it before the ranks started
     try:
-        report = build_report(config.run_dir, config.nproc_per_node if not config.multi_node else 0, failed)
+        report = build_report(config.run_dir, _report_world(config), failed,
+                              ranks_per_node=config.nproc_per_node if config.multi_node else None)
     except Exception as err:  # a report must never hide the job's own outcome
         say(f"fastlaunch: no report ({type(err).__name__}: {err})")
         return

@@ -49,8 +49,9 @@ def _plot(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def build_report(run_dir: Path, world_size: int, failed: Sequence[int] = ()) -> dict:
-    """Write report.json and report.png; return the report. `failed`: ranks the launcher saw die."""
+def build_report(run_dir: Path, world_size: int, failed: Sequence[int] = (), ranks_per_node: int | None = None) -> dict:
+    """Write report.json and report.png; return the report. `failed`: ranks the launcher saw die;
+    `ranks_per_node` (several nodes): missing ranks are named with their node."""
     run_dir = Path(run_dir)
     records = read_records(run_dir)
     present = sorted({r["rank"] for r in records})
@@ -62,7 +63,7 @@ def build_report(run_dir: Path, world_size: int, failed: Sequence[int] = ()) -> 
     report = {"schema": SCHEMA, "world_size": world_size, "ranks": present, "missing": missing,
               "last_epoch": last_epoch, "attempts": sorted({r.get("attempt", 0) for r in records}),
               "restarts": restarts,
-              "epochs": records, "diagnoses": diagnose(records, missing, last_epoch)}
+              "epochs": records, "diagnoses": diagnose(records, missing, last_epoch, ranks_per_node)}
     (run_dir / "report.json").write_text(json.dumps(report, indent=1))
     if records:
         _plot(records, run_dir / "report.png")

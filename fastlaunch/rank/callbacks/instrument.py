@@ -139,13 +139,18 @@ class Instrument(LeanCallback):
         denv, comm = self.ctx.env, self.ctx.comm
         start = time.perf_counter()
         comm.barrier()  # how long each rank waits here tells who arrived last
-        record = {"rank": denv.rank, "attempt": denv.restart_count, "epoch": self.epoch, "time": time.time(),
+        record = {"rank": denv.rank, "node": denv.node_rank, "attempt": denv.restart_count, "epoch": self.epoch,
+                  "time": time.time(),
                   "device": denv.device_type, "visible_gpus": self._visible, "cores": denv.cpus_per_rank,
                   "epoch_end_wait": time.perf_counter() - start, **self._train,
                   **memory.sample(denv.device_type, denv.local_rank, nvml=self._nvml)}
         with open(self._path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         summaries = comm.gather_to_rank_zero(record)
+        for other in summaries or []:  # rank 0's run directory holds the whole world's records
+            if other.get("node", 0) != denv.node_rank:
+                with open(self._path.parent / f"rank{other['rank']}.jsonl", "a") as fh:
+                    fh.write(json.dumps(other) + "\n")
         if summaries is not None and denv.is_distributed:
             cells = "  ".join(f"r{s['rank']}: {s['step_time'] * 1000:.0f} ms, wait {s['data_wait_frac']:.0%}, "
                               f"{s['syncs_per_step']:.1f} syncs, {s['rss_mb']:.0f} MB" for s in summaries)
