@@ -154,6 +154,10 @@ def test_two_node_slurm_job_trains_as_world_size_two(tmp_path, slurm_cluster):
     r0, r1 = _ranks(out)
     assert r0["weights"] == r1["weights"]
     assert not set(r0["seen"][0]) & set(r1["seen"][0]) and len(r0["seen"][0]) == 512
+    # the run directory of rank 0's node reports the whole world; node 1's reports its own rank
+    reports = {tuple(json.loads((d / "report.json").read_text())["ranks"]): (d / "logs" / "rank0.log").exists()
+               for d in (tmp_path / "runs").iterdir()}
+    assert reports == {(0, 1): True, (1,): False}, reports
 
 
 def test_one_node_slurm_job_with_two_cpu_ranks(tmp_path, slurm_cluster):
