@@ -184,7 +184,7 @@ SLURM_OPTIONS: tuple[Option, ...] = (
     _opt("cpu", None, "", "C", whole_or_text),
     _opt("time", None, "time limit (e.g. 2:00:00 or 1-00:00:00)", "T"),
     _opt("partition", None, "partition to submit to", "P"),
-    _opt("cpus_per_rank", 4, "cores per rank (default 4): the task asks for ranks x C", "C", whole_or_text),
+    _opt("cpus_per_rank", None, "cores per rank (default: the partition's cores per node / ranks, or 4\nwhere Slurm cannot be asked): the task asks for ranks x C", "C", whole_or_text),
     _opt("grace", 90, "seconds of warning before the time limit (USR1, default 90)", "S", whole_or_text),
     _opt("job_name", None, "default: the script's stem", "NAME"),
     _opt("config", None, "a YAML launch config (these keys and the launcher's)", "FILE", config_key=False),

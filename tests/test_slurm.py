@@ -117,6 +117,7 @@ def test_rendered_job_matches_golden_and_is_valid_bash(tmp_path):
 
 def test_slurm_command_prints_the_script_and_refuses_bad_input(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("fastlaunch.tools.cluster.slurm_command.probe_partition", lambda partition: None)  # GPU nodes
     (tmp_path / "train.py").write_text("")
     assert main(["slurm", "--nodes", "2", "--gpus", "8", "--time", "2:00:00", "train.py", "--lr", "1e-3"]) == 0
     out = capsys.readouterr().out
@@ -209,3 +210,34 @@ def test_two_node_job_stopped_by_usr1_requeues_itself(tmp_path, slurm_cluster):
         assert not list(tmp_path.glob(".fastlaunch-stopped-*"))  # the job script removed its marker
     finally:
         subprocess.run(["scancel", job_id], timeout=30)
+
+
+def _fake_sinfo(stdout: str, returncode: int = 0):
+    def run(cmd, **kwargs):
+        assert cmd[0] == "sinfo"
+        return subprocess.CompletedProcess(cmd, returncode, stdout, "")
+    return run
+
+
+def test_the_partition_is_read_from_sinfo_smallest_node_first():
+    from fastlaunch.tools.cluster.partition import NodeShape, probe_partition
+
+    run = _fake_sinfo("64 gpu:a100:8 512000\n32 gpu:4(S:0-1) 256000+\n")
+    assert probe_partition("gpu", run) == NodeShape(cores=32, gpus=4, memory_mb=256000)
+    assert probe_partition(None, _fake_sinfo("", 1)) is None  # Slurm not reachable: nothing checked
+
+
+@pytest.mark.parametrize("flags, ok, said", [
+    (["--cpu", "1"], True, "--cpus-per-task=2"),  # default: the node's 2 cores for its one rank
+    (["--cpu", "2"], True, "--cpus-per-task=2"),
+    (["--cpu", "2", "--cpus-per-rank", "4"], False, "HINT: use --cpus-per-rank 1"),
+    (["--cpu", "3"], False, "HINT: use at most 2 ranks per node"),
+    (["--gpus", "1"], False, "nodes have fewer GPUs than the job asks"),
+])
+def test_an_ask_the_partition_can_never_meet_is_refused_before_submission(tmp_path, slurm_cluster, flags, ok, said):
+    proc = subprocess.run([sys.executable, "-m", "fastlaunch", "slurm", "--nodes", "2", "--time", "10:00", *flags,
+                           str(SCRIPTS / "fastai_probe.py")], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    if ok:
+        assert proc.returncode == 0 and said in proc.stdout, proc.stderr
+    else:
+        assert proc.returncode == 2 and said in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

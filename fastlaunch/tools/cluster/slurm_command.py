@@ -13,6 +13,7 @@ from ...option_table import LAUNCHER_OPTIONS, SLURM_KEYS, SLURM_OPTIONS, Option,
 from ...launcher.options import load_launch_file
 from ...launcher.parsing import option_rows, parse_flags, split_argv, switch_flags, value_flags, wants_help
 from ...launcher.resolve import count
+from .partition import NodeShape, check_fits, default_cpus_per_rank, probe_partition
 from .slurm import SbatchSpec, render_sbatch, submit
 from ...lines import launcher_line
 
@@ -52,7 +53,8 @@ def _parse(tokens: list[str]) -> dict[str, Any]:
 
 
 def spec_from_options(opts: dict[str, Any], script: str, script_args: Sequence[str], *,
-                      python: str = sys.executable, workdir: str | None = None) -> SbatchSpec:
+                      python: str = sys.executable, workdir: str | None = None,
+                      shape: NodeShape | None = None) -> SbatchSpec:
     """Validate the subcommand's options into a SbatchSpec."""
     if not Path(script).is_file():
         raise UsageError("script not found", script, "check the path; the script comes after the flags")
@@ -67,10 +69,13 @@ def spec_from_options(opts: dict[str, Any], script: str, script_args: Sequence[s
     if not _TIME.match(time):
         raise UsageError("--time is not a Slurm time limit", time or "nothing", "e.g. --time 2:00:00 or 1-00:00:00")
     flags = slurm_pass_through(opts)
+    cpus = (count("--cpus-per-rank", opts["cpus_per_rank"], 1) if opts["cpus_per_rank"] is not None
+            else default_cpus_per_rank(shape, ranks))
+    check_fits(shape, ranks, cpus, use_gpus, opts["partition"])
     return SbatchSpec(nodes=count("--nodes", opts["nodes"], 1), ranks_per_node=ranks, use_gpus=use_gpus, time=time,
                       script=script, script_args=tuple(script_args), python=python,
                       workdir=workdir or os.getcwd(), job_name=str(opts["job_name"] or Path(script).stem),
-                      partition=opts["partition"], cpus_per_rank=count("--cpus-per-rank", opts["cpus_per_rank"], 1),
+                      partition=opts["partition"], cpus_per_rank=cpus,
                       grace=count("--grace", opts["grace"], 0), launcher_flags=tuple(flags))
 
 
@@ -84,7 +89,7 @@ def slurm_main(argv: Sequence[str]) -> int:
         if script is None:
             raise UsageError("no script given", " ".join(argv), "put the script path after the flags")
         opts = _parse(tokens)
-        text = render_sbatch(spec_from_options(opts, script, script_args))
+        text = render_sbatch(spec_from_options(opts, script, script_args, shape=probe_partition(opts["partition"])))
     except UsageError as err:
         print(err, file=sys.stderr)
         return err.exit_code
@@ -98,4 +103,7 @@ def slurm_main(argv: Sequence[str]) -> int:
                       "without --submit to see the script, and check the partition and limits")
         return 1
     print(job)
+    launcher_line(f"fastlaunch: submitted job {job}; its output goes to {os.getcwd()}/slurm-{job}.out. Follow it: "
+                  f"tail -f slurm-{job}.out   state: squeue -j {job} (sacct -j {job} once ended)   "
+                  f"stop: scancel {job}")
     return 0
