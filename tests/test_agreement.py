@@ -22,6 +22,7 @@ def test_most_severe_request_wins_and_is_marked_agreed():
 def test_stops_not_allowed_at_a_point_are_dropped():
     state = StopChannel(torch.device("cpu"))
     state.request(CancelTrainException)
+    state.outgoing()  # the flags leave with a collective
     state.agree([0.0, 0.0, 0.0, 1.0], allowed=(CancelFitException, CancelEpochException))  # training is over
     assert state.pending == [0, 0, 0, 0]
     state.agree([0.0, 0.0, 0.0, 0.0])  # nothing asked: nothing raised
@@ -53,3 +54,13 @@ def test_interleave_restores_dataset_order_without_padding():
     assert interleave(parts, n).tolist() == list(range(n))
     parts3 = [torch.arange(r, 10, 3).float()[:, None].repeat(1, 2) for r in range(3)]
     assert interleave(parts3, 10)[:, 0].tolist() == [float(i) for i in range(10)]
+
+
+def test_a_request_made_after_the_flags_left_is_kept_for_the_next_collective():
+    state = StopChannel(torch.device("cpu"))
+    sent = state.outgoing().tolist()  # packed into the gradients during backward...
+    state.request(Preempted)  # ...then a signal arrives before the flags are read
+    state.agree(sent)
+    assert state.pending == [1, 0, 0, 0]  # not lost: it travels with the next step's gradients
+    with pytest.raises(SystemExit):
+        state.agree(state.outgoing().tolist())

@@ -47,6 +47,7 @@ class StopChannel:
                  quiet_reads: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         self.device, self.comm, self.quiet_reads = device, comm, quiet_reads
         self.pending = [0] * len(KINDS)
+        self._sent = [0] * len(KINDS)  # what left with the last collective: agree() consumes only these
         self.active = False
         self.on_preempt: Callable[[str], None] | None = None  # called on every rank before leaving
         self._received: torch.Tensor | None = None
@@ -63,6 +64,7 @@ class StopChannel:
     # -- the flag layout: always after the payload, len(KINDS) numbers --------------------------------------
     def outgoing(self, dtype=torch.float32) -> torch.Tensor:
         """This rank's flags as a tensor."""
+        self._sent = list(self.pending)
         return torch.tensor(self.pending, dtype=dtype, device=self.device)
 
     def piggyback(self, payload: torch.Tensor) -> torch.Tensor:
@@ -76,6 +78,7 @@ class StopChannel:
 
     def outgoing_list(self) -> list[int]:
         """This rank's flags for an object gather."""
+        self._sent = list(self.pending)
         return list(self.pending)
 
     @staticmethod
@@ -120,8 +123,12 @@ class StopChannel:
 
     # -- acting -----------------------------------------------------------------------------------------------
     def agree(self, summed: list[float], allowed: tuple[type, ...] = KINDS, position: str = "batch") -> None:
-        """Act, on every rank alike, on the most severe stop any rank asked for (if allowed here)."""
-        self.pending = [0] * len(KINDS)
+        """Act, on every rank alike, on the most severe stop any rank asked for (if allowed here).
+
+        Only the requests that left with the collective are consumed: one asked after the flags left (a signal
+        arriving during the backward pass) stays pending and travels with the next collective."""
+        self.pending = [1 if asked and not sent else 0 for asked, sent in zip(self.pending, self._sent)]
+        self._sent = [0] * len(KINDS)
         for flag, cls in zip(summed, KINDS):
             if flag <= 0:
                 continue
