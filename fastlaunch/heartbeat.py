@@ -73,6 +73,7 @@ class Heartbeat:
         self._event = b""
         self._names: dict[str, bytes] = {}  # event names as written: encoded once, not at every beat
         self._pid = os.getpid()  # getpid is a system call; a forked child refreshes its copy
+        self._collective = _Flagged(self, IN_COLLECTIVE)
         os.register_at_fork(after_in_child=self._refresh_pid)
 
     def _refresh_pid(self) -> None:
@@ -97,14 +98,10 @@ class Heartbeat:
         self._flags = (self._flags | flag) if on else (self._flags & ~flag)
         self.beat()
 
-    @contextlib.contextmanager
-    def in_collective(self):
-        """Marks a blocking collective: a rank waiting in one waits for its peers, it is not the hung one."""
-        self.set_flag(IN_COLLECTIVE, True)
-        try:
-            yield
-        finally:
-            self.set_flag(IN_COLLECTIVE, False)
+    def in_collective(self) -> "_Flagged":
+        """Marks a blocking collective: a rank waiting in one waits for its peers, it is not the hung one.
+        One object, reused: the gradient all-reduce enters it at every step."""
+        return self._collective
 
 
 def create(path: Path, local_ranks: int) -> None:
@@ -123,6 +120,19 @@ def read_beats(path: Path) -> list[Beat]:
         beats.append(Beat(t, counter, pid, rank, epoch, it, flags, event.rstrip(b"\0").decode(errors="replace"),
                           slot=offset // SLOT))
     return beats
+
+
+class _Flagged:
+    """A flag set on the heartbeat for the time of a with block."""
+
+    def __init__(self, beats: Heartbeat, flag: int):
+        self._beats, self._flag = beats, flag
+
+    def __enter__(self) -> None:
+        self._beats.set_flag(self._flag, True)
+
+    def __exit__(self, *exc) -> None:
+        self._beats.set_flag(self._flag, False)
 
 
 class NoHeartbeat:

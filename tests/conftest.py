@@ -35,6 +35,14 @@ def only_run_dir(cwd: Path) -> Path:
 
 
 @pytest.fixture
+def script(tmp_path) -> Path:
+    """A one-line train.py for the launcher's own tests."""
+    path = tmp_path / "train.py"
+    path.write_text("print('hello')\n")
+    return path
+
+
+@pytest.fixture
 def scripts() -> Path:
     return SCRIPTS
 

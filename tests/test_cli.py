@@ -18,12 +18,6 @@ def build_config(tokens, script, script_args, **kwargs):
     return resolve.build_config(opts, given, script, script_args, environ={}, **kwargs)
 
 
-@pytest.fixture
-def script(tmp_path):
-    path = tmp_path / "train.py"
-    path.write_text("print('hello')\n")
-    return path
-
 
 def test_split_at_script_keeps_script_args_verbatim():
     tokens, script, rest = split_argv(["--cpu", "2", "--precision=bf16", "train.py", "--cpu", "9", "--", "-x", ""])

@@ -26,12 +26,6 @@ PACKAGE = REPO / "fastlaunch"
 RANK_VARS = [o.to_ranks for o in LAUNCHER_OPTIONS if o.to_ranks] + list(RESOLVED_RANK_VARS)
 
 
-@pytest.fixture
-def script(tmp_path):
-    path = tmp_path / "train.py"
-    path.write_text("print('hello')\n")
-    return path
-
 
 def test_every_option_is_declared_once_and_listed_in_help():
     names = [o.name for o in LAUNCHER_OPTIONS]

@@ -43,10 +43,6 @@ class Comm:
         self._held: collections.deque = collections.deque(maxlen=self._KEEP)  # see _run
 
     @property
-    def is_rank_zero(self) -> bool:
-        return self.env.rank == 0
-
-    @property
     def world_size(self) -> int:
         return self.env.world_size if self.env.is_distributed else 1
 

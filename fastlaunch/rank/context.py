@@ -67,7 +67,8 @@ class RankContext:
         """A line on rank 0's console (once per process with once=True)."""
         if not self.is_rank_zero or (once and line in self.said):
             return
-        self.said.add(line)
+        if once:
+            self.said.add(line)
         self._say(line)
 
     def not_counted(self) -> contextlib.AbstractContextManager:

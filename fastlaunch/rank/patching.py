@@ -68,10 +68,6 @@ class Patch:
     replaces: tuple[str, ...]
     apply: Callable[[Any, Patcher], None]
 
-    @property
-    def why(self) -> str:
-        return (self.apply.__doc__ or "").strip()
-
     def covers(self, label: str) -> bool:
         return any(fnmatch.fnmatchcase(label, pattern) for pattern in self.replaces)
 

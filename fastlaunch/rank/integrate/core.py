@@ -182,8 +182,6 @@ def callback_calls_observed(ctx, p) -> None:
     dispatch = EventDispatch(ctx)
 
     def _call_one(self, event_name): dispatch.call_one(self, event_name)
-
-    _call_one.dispatch = dispatch  # type: ignore[attr-defined]  # observers register here
     p.set(Learner, "_call_one", _call_one)
 
 

@@ -61,9 +61,6 @@ class EventDispatch:
             [HeartbeatObserver(ctx.beats), SyncAttribution(ctx)]
         self._labels: dict[tuple[type, str], str] = {}
 
-    def register(self, observer: Observer) -> None:
-        self.observers.append(observer)
-
     def _label(self, cb, event_name: str) -> str:
         key = (type(cb), event_name)
         label = self._labels.get(key)
