@@ -2,5 +2,12 @@
 
 Kept light on purpose: every rank imports this package before its bootstrap runs.
 """
-__all__ = ["__version__"]
+__all__ = ["__version__", "load_ipython_extension"]
 __version__ = "0.1.0"
+
+
+def load_ipython_extension(shell) -> None:
+    """`%load_ext fastlaunch` in a notebook: the `%fastlaunch` magics (fastlaunch/session/magics.py)."""
+    from .session.magics import load_ipython_extension as load
+
+    load(shell)

@@ -1,6 +1,6 @@
-"""Notebook files as jobs, the part both sides share: reading a .ipynb's code cells, with a clear error for a
-file that is not a notebook. The launcher checks the file before any rank starts; the rank runs the cells
-(rank/notebook.py)."""
+"""Notebooks, the part both sides share. A notebook file as a job: its code cells, with a clear error for a
+file that is not a notebook (the launcher checks it before any rank starts; rank/notebook.py runs it). An
+interactive session: where each rank's kernel says it is ready, and the helpers every rank keeps."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,12 @@ from pathlib import Path
 
 from .errors import UsageError
 
-__all__ = ["is_notebook", "code_cells", "session_lines_removed", "executed_path"]
+__all__ = ["is_notebook", "code_cells", "session_lines_removed", "executed_path", "ready_path", "FACTS_EXPRESSION",
+           "RANK_HELPERS"]
+
+# An interactive session's contract between a rank's kernel (rank/kernel.py) and the notebook's (session/):
+RANK_HELPERS = "__fastlaunch__"  # a hidden name in every rank's namespace: {"facts": ..., "free": ...}
+FACTS_EXPRESSION = f"{RANK_HELPERS}['facts']()"  # evaluated on every rank after each cell
 
 # The magics that start an interactive session: a notebook run as a job is already one.
 _SESSION_LINE = re.compile(r"^\s*%(load_ext\s+fastlaunch\b|fastlaunch\b).*$", re.M)
@@ -40,6 +45,11 @@ def code_cells(path: Path) -> list[str]:
     if not any(s.strip() for s in sources):
         raise UsageError("the notebook has no code cells", str(path), "add the training code in code cells")
     return sources
+
+
+def ready_path(folder: Path, rank: int) -> Path:
+    """Where rank R's kernel says it listens, once it takes cells: {"pid", "connection_file"}."""
+    return Path(folder) / f"rank{rank}.ready.json"
 
 
 def session_lines_removed(source: str) -> str:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from fastai.callback.core import CancelEpochException, CancelFitException, CancelTrainException
 
-from fastlaunch.rank.stopchannel import Preempted, StopChannel
+from fastlaunch.rank.stopchannel import Interrupted, Preempted, StopChannel
 from fastlaunch.rank.callbacks.metrics import interleave
 
 
@@ -13,19 +13,19 @@ def test_most_severe_request_wins_and_is_marked_agreed():
     state = StopChannel(torch.device("cpu"))
     state.request(CancelTrainException)
     state.request(CancelFitException)
-    assert state.outgoing().tolist() == [0.0, 1.0, 0.0, 1.0]  # preempt, fit, epoch, train
+    assert state.outgoing().tolist() == [0.0, 0.0, 1.0, 0.0, 1.0]  # preempt, interrupt, fit, epoch, train
     with pytest.raises(CancelFitException) as exc:
-        state.agree([0.0, 1.0, 0.0, 2.0])
-    assert exc.value.agreed and state.pending == [0, 0, 0, 0]
+        state.agree([0.0, 0.0, 1.0, 0.0, 2.0])
+    assert exc.value.agreed and state.pending == [0, 0, 0, 0, 0]
 
 
 def test_stops_not_allowed_at_a_point_are_dropped():
     state = StopChannel(torch.device("cpu"))
     state.request(CancelTrainException)
     state.outgoing()  # the flags leave with a collective
-    state.agree([0.0, 0.0, 0.0, 1.0], allowed=(CancelFitException, CancelEpochException))  # training is over
-    assert state.pending == [0, 0, 0, 0]
-    state.agree([0.0, 0.0, 0.0, 0.0])  # nothing asked: nothing raised
+    state.agree([0.0, 0.0, 0.0, 0.0, 1.0], allowed=(CancelFitException, CancelEpochException))  # training is over
+    assert state.pending == [0, 0, 0, 0, 0]
+    state.agree([0.0, 0.0, 0.0, 0.0, 0.0])  # nothing asked: nothing raised
 
 
 def test_a_preemption_waits_for_a_batch_boundary_or_the_epoch_end_then_checkpoints_and_leaves():
@@ -33,8 +33,8 @@ def test_a_preemption_waits_for_a_batch_boundary_or_the_epoch_end_then_checkpoin
     written = []
     state.on_preempt = written.append
     state.request(Preempted)
-    state.agree([1.0, 0.0, 0.0, 0.0], allowed=(CancelFitException, CancelEpochException))  # end of training
-    assert state.pending == [1, 0, 0, 0] and written == []  # kept, on every rank, for the epoch's end
+    state.agree([1.0, 0.0, 0.0, 0.0, 0.0], allowed=(CancelFitException, CancelEpochException))  # end of training
+    assert state.pending == [1, 0, 0, 0, 0] and written == []  # kept, on every rank, for the epoch's end
     with pytest.raises(SystemExit) as leaving:
         state.agree(state.outgoing().tolist(), allowed=(Preempted, CancelFitException), position="epoch_end")
     assert leaving.value.code == 75 and written == ["epoch_end"]
@@ -43,8 +43,8 @@ def test_a_preemption_waits_for_a_batch_boundary_or_the_epoch_end_then_checkpoin
 def test_flags_carried_by_backward_are_read_once():
     state = StopChannel(torch.device("cpu"))
     assert state.take_received() is None
-    state.receive(torch.tensor([0.0, 0.0, 1.0, 0.0]))
-    assert state.take_received() == [0.0, 0.0, 1.0, 0.0]
+    state.receive(torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0]))
+    assert state.take_received() == [0.0, 0.0, 0.0, 1.0, 0.0]
     assert state.take_received() is None
 
 
@@ -61,6 +61,15 @@ def test_a_request_made_after_the_flags_left_is_kept_for_the_next_collective():
     sent = state.outgoing().tolist()  # packed into the gradients during backward...
     state.request(Preempted)  # ...then a signal arrives before the flags are read
     state.agree(sent)
-    assert state.pending == [1, 0, 0, 0]  # not lost: it travels with the next step's gradients
+    assert state.pending == [1, 0, 0, 0, 0]  # not lost: it travels with the next step's gradients
     with pytest.raises(SystemExit):
         state.agree(state.outgoing().tolist())
+
+
+def test_an_interrupt_cancels_the_fit_on_every_rank_and_is_remembered():
+    state = StopChannel(torch.device("cpu"))
+    state.request(Interrupted)
+    state.request(CancelTrainException)
+    with pytest.raises(CancelFitException) as exc:  # fastai's own cancel: after_fit runs, the model is intact
+        state.agree(state.outgoing().tolist(), allowed=(CancelFitException, CancelEpochException))
+    assert exc.value.agreed and state.interrupted and state.pending == [0, 0, 0, 0, 0]

@@ -9,18 +9,9 @@ from typing import Callable, TextIO
 
 from torch.distributed.elastic.multiprocessing.api import LogsDest, LogsSpecs
 
+from .rundir import attempt_of, rank_log_name
+
 __all__ = ["RankLogsSpecs", "ConsoleFollower", "tail_lines", "rank_log_name", "attempt_of"]
-
-
-def rank_log_name(rank: int, attempt: int, suffix: str = "log") -> str:
-    """logs/rank<R>.log on the first attempt, rank<R>.attempt<A>.log after a restart."""
-    return f"rank{rank}.{suffix}" if attempt == 0 else f"rank{rank}.attempt{attempt}.{suffix}"
-
-
-def attempt_of(path: Path) -> int:
-    """The attempt a log or error file belongs to (rank_log_name's inverse)."""
-    part = Path(path).name.split(".")[1]
-    return int(part[len("attempt"):]) if part.startswith("attempt") else 0
 
 
 class RankLogsSpecs(LogsSpecs):

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 import json
 from pathlib import Path
 
-from .logs import attempt_of
+from .rundir import attempt_of
 from .diagnose import diagnose
 
-__all__ = ["read_records", "build_report", "render_text", "SCHEMA"]
+__all__ = ["read_records", "assemble_report", "build_report", "render_text", "SCHEMA"]
 
 SCHEMA = "fastlaunch.report/1"
 
@@ -49,24 +49,30 @@ def _plot(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def build_report(run_dir: Path, world_size: int, failed: Sequence[int] = (), ranks_per_node: int | None = None) -> dict:
-    """Write report.json and report.png; return the report. `failed`: ranks the launcher saw die;
-    `ranks_per_node` (several nodes): missing ranks are named with their node."""
+def assemble_report(run_dir: Path, world_size: int, failed: Sequence[int] = (), ranks_per_node: int | None = None,
+                    records: list[dict] | None = None) -> dict:
+    """The report of `records` (default: every record of the run), written nowhere."""
     run_dir = Path(run_dir)
-    records = read_records(run_dir)
+    records = read_records(run_dir) if records is None else records
     present = sorted({r["rank"] for r in records})
     # nothing trained (a script that exits without a fit, a crash before the first epoch's end): no rank is
     # "missing" (the failure summary has named the culprit)
     missing = sorted({r for r in range(world_size) if r not in present} | set(failed)) if records else []
     last_epoch = {r: max(x["epoch"] for x in records if x["rank"] == r) for r in present}
     restarts = max((attempt_of(p) for p in (run_dir / "logs").glob("rank*.log")), default=0)
-    report = {"schema": SCHEMA, "world_size": world_size, "ranks": present, "missing": missing,
-              "last_epoch": last_epoch, "attempts": sorted({r.get("attempt", 0) for r in records}),
-              "restarts": restarts,
-              "epochs": records, "diagnoses": diagnose(records, missing, last_epoch, ranks_per_node)}
-    (run_dir / "report.json").write_text(json.dumps(report, indent=1))
-    if records:
-        _plot(records, run_dir / "report.png")
+    return {"schema": SCHEMA, "world_size": world_size, "ranks": present, "missing": missing,
+            "last_epoch": last_epoch, "attempts": sorted({r.get("attempt", 0) for r in records}),
+            "restarts": restarts,
+            "epochs": records, "diagnoses": diagnose(records, missing, last_epoch, ranks_per_node)}
+
+
+def build_report(run_dir: Path, world_size: int, failed: Sequence[int] = (), ranks_per_node: int | None = None) -> dict:
+    """Write report.json and report.png; return the report. `failed`: ranks the launcher saw die;
+    `ranks_per_node` (several nodes): missing ranks are named with their node."""
+    report = assemble_report(run_dir, world_size, failed, ranks_per_node)
+    (Path(run_dir) / "report.json").write_text(json.dumps(report, indent=1))
+    if report["epochs"]:
+        _plot(report["epochs"], Path(run_dir) / "report.png")
     return report
 
 

@@ -10,12 +10,23 @@ import yaml
 from ..config import LaunchConfig
 from ..errors import UsageError
 
-__all__ = ["prepare_run_dir", "LAUNCH_FILE"]
+__all__ = ["prepare_run_dir", "claim_unique", "rank_log_name", "attempt_of", "LAUNCH_FILE"]
 
 LAUNCH_FILE = "launch.yaml"
 
 
-def _claim_unique(root: Path, name: str) -> Path:
+def rank_log_name(rank: int, attempt: int, suffix: str = "log") -> str:
+    """logs/rank<R>.log on the first attempt, rank<R>.attempt<A>.log after a restart."""
+    return f"rank{rank}.{suffix}" if attempt == 0 else f"rank{rank}.attempt{attempt}.{suffix}"
+
+
+def attempt_of(path: Path) -> int:
+    """The attempt a log or error file belongs to (rank_log_name's inverse)."""
+    part = Path(path).name.split(".")[1]
+    return int(part[len("attempt"):]) if part.startswith("attempt") else 0
+
+
+def claim_unique(root: Path, name: str) -> Path:
     """mkdir is atomic: the first run to create a name owns it; later ones take -2, -3, ..."""
     root.mkdir(parents=True, exist_ok=True)
     for n in range(1, 10_000):
@@ -33,7 +44,7 @@ def prepare_run_dir(config: LaunchConfig, root: Path = Path("runs"), now: float 
     try:
         if config.run_dir is None:
             stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-            path = _claim_unique(root.resolve(), f"{stamp}-{config.script.stem}")
+            path = claim_unique(root.resolve(), f"{stamp}-{config.script.stem}")
         else:
             path = config.run_dir
             if (path / LAUNCH_FILE).exists():

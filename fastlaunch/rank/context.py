@@ -53,6 +53,7 @@ class RankContext:
     def reset(self) -> None:
         """Forget every fit, sequence and resume plan of this process."""
         self.fit_numbers = itertools.count()
+        self.fits_opened = 0  # real fits started in this process (a notebook session reports it per cell)
         self.loader_numbers = itertools.count()
         self.said: set[str] = set()
         self.resume_plan: dict | None = None  # the checkpoint a resumed run continues from, until consumed
@@ -82,6 +83,7 @@ class RankContext:
 
     def open_fit(self, learn) -> FitRun:
         run = FitRun(index=next(self.fit_numbers))
+        self.fits_opened += 1
         self._fits[learn] = run
         self.beats.set_flag(IN_FIT)
         return run

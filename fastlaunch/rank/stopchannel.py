@@ -27,17 +27,23 @@ from fastai.callback.core import CancelEpochException, CancelFitException, Cance
 
 from ..config import STOPPED_BY_SIGNAL
 
-__all__ = ["StopChannel", "Preempted", "ROUTED", "KINDS", "flag_bucket_hook"]
+__all__ = ["StopChannel", "Preempted", "Interrupted", "ROUTED", "KINDS", "flag_bucket_hook"]
 
 
 class Preempted(Exception):
     """A stop asked by a signal (SIGTERM, SIGUSR1): checkpoint, then leave with STOPPED_BY_SIGNAL."""
 
 
+class Interrupted(Exception):
+    """A stop asked by SIGINT in a notebook session (the kernel's interrupt button): the fit is cancelled on
+    every rank at one batch, as fastai cancels (after_fit runs, the model is intact); then the fit raises
+    KeyboardInterrupt on every rank, as Ctrl-C does in one process."""
+
+
 # The cancels fastai's callbacks raise, routed through the channel.
 ROUTED = (CancelFitException, CancelEpochException, CancelTrainException)
 # Every kind of stop, most severe first: a request for a bigger stop wins when several are pending.
-KINDS = (Preempted, *ROUTED)
+KINDS = (Preempted, Interrupted, *ROUTED)
 
 
 class StopChannel:
@@ -49,6 +55,7 @@ class StopChannel:
         self.pending = [0] * len(KINDS)
         self._sent = [0] * len(KINDS)  # what left with the last collective: agree() consumes only these
         self.active = False
+        self.interrupted = False  # an agreed Interrupted cancelled the fit: it ends with KeyboardInterrupt
         self.on_preempt: Callable[[str], None] | None = None  # called on every rank before leaving
         self._received: torch.Tensor | None = None
         self._in_flight: tuple[torch.Tensor, Any] | None = None
@@ -135,7 +142,10 @@ class StopChannel:
             if cls is Preempted and Preempted not in allowed:
                 self.pending[0] = 1  # every rank saw the same sum: every rank keeps it for the epoch's end
                 continue
-            if cls not in allowed:
+            if cls is Interrupted and CancelFitException in allowed:
+                self.interrupted = True
+                cls = CancelFitException
+            elif cls not in allowed:
                 continue
             if cls is Preempted:
                 if self.on_preempt is not None:

@@ -25,6 +25,7 @@ from ..config import STOPPED_BY_SIGNAL  # noqa: E402
 __all__ = ["main", "arm_parent_death"]
 
 _PR_SET_PDEATHSIG = 1
+_KERNEL_FILE = os.path.join(os.path.dirname(__file__), "kernel.py")
 
 
 def arm_parent_death(expected_parent: int | None) -> None:
@@ -93,8 +94,13 @@ def _run_script(script: str, args: list[str], ctx) -> int:
     from ..errors import UsageError
 
     sys.argv = [script, *args]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     try:
+        if os.path.abspath(script) == os.path.abspath(_KERNEL_FILE):  # a notebook session's rank (kernel.py)
+            from .kernel import serve
+
+            serve(ctx, args[0])
+            return 0
+        sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
         if script.endswith(".ipynb"):  # a notebook as a job: its cells in order (notebook.py)
             from .notebook import run_notebook
 

@@ -53,9 +53,12 @@ def fit_opens_a_fit_run(ctx, p) -> None:
             if extra is None:  # finished before the checkpoint this run resumes from
                 return None
             with self.added_cbs(extra):
-                return original(self, *args, **kwargs)
+                result = original(self, *args, **kwargs)
         finally:
             ctx.close_fit(self)
+        if run.stop is not None and run.stop.interrupted:  # cancelled at one agreed batch, after_fit done
+            raise KeyboardInterrupt
+        return result
 
     p.set(Learner, "fit", fit)
 
