@@ -220,7 +220,7 @@ def test_interrupt_errors_bad_input_a_dying_rank_and_shutdown_in_one_session(tmp
         # a rank that dies is named, the others are stopped, the user is told to restart
         reply, text = kernel.run("import os, signal\nif dist.get_rank() == 1:\n    os.kill(os.getpid(), signal.SIGKILL)\n"
                                  "dist.barrier()")
-        assert reply["status"] == "error" and "ranks are gone" in text and "rank 1" in text, text
+        assert reply["status"] == "error" and "ranks are gone" in text and "rank 1 failed" in text, text
         assert "%fastlaunch restart" in text
         assert _gone(run_dir) == []
         reply, text = kernel.run("%fastlaunch restart")

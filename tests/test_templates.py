@@ -1,6 +1,7 @@
 """fastlaunch new: every template trains offline on 2 CPU ranks above chance; files are never clobbered."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -21,14 +22,23 @@ def _last_accuracy(stdout: str) -> float:
     return float(rows[-1])
 
 
+# Each template's training runs once: as the script for two templates, as the notebook (a job) for the others.
+RUN_AS = {"minimal": "train.py", "tabular": "train.py", "vision": "notebook.ipynb", "text": "notebook.ipynb"}
+
+
 @pytest.mark.parametrize("template", list(CHANCE))
 def test_new_project_trains_offline_above_chance(tmp_path, template):
     project = tmp_path / "proj"
     assert main(["new", str(project), "--template", template]) == 0
-    assert sorted(p.name for p in project.iterdir()) == ["README.md", "launch.yaml", "test_smoke.py", "train.py"]
+    assert sorted(p.name for p in project.iterdir()) == ["README.md", "launch.yaml", "notebook.ipynb",
+                                                         "test_smoke.py", "train.py"]
     doc = (project / "train.py").read_text().split('"""')[1]
     assert "fastlaunch --cpu 2 train.py" in doc and "fastlaunch --gpus 4" in doc and "fastlaunch slurm" in doc
-    proc = run_fastlaunch(["--cpu", "2", "train.py", "--epochs", "1"], project, timeout=600,
+    notebook = json.loads((project / "notebook.ipynb").read_text())
+    code = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
+    assert code[0] == "%load_ext fastlaunch\n%fastlaunch" and "def main()" in code[1] and code[2].endswith("main()")
+    args = ["--epochs", "1"] if RUN_AS[template] == "train.py" else []
+    proc = run_fastlaunch(["--cpu", "2", RUN_AS[template], *args], project, timeout=600,
                           env={"HF_HUB_OFFLINE": "1", "no_proxy": "*"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     chance, bar = CHANCE[template]

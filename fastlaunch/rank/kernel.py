@@ -106,6 +106,10 @@ def serve(ctx, folder: str) -> None:
         shell.enable_matplotlib("inline")
     except Exception:  # no matplotlib: nothing to draw
         pass
+    # The launcher stops a session's ranks with SIGTERM (another rank died, the session ends): a kernel would
+    # catch the SystemExit a job's handler raises and live on, so die of the signal (the launcher then counts
+    # this rank as stopped, not as the cause).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     ready = ready_path(where, ctx.env.rank)
     tmp = ready.with_suffix(".tmp")
     tmp.write_text(json.dumps({"pid": os.getpid(), "connection_file": str(connection)}))

@@ -190,9 +190,10 @@ class Session:
                 if (not told and first_reply_at is not None and time.monotonic() - first_reply_at > 10
                         and any(r and r.get("status") == "error" for r in replies)):
                     told = True
-                    waiting = [str(i) for i, r in enumerate(replies) if r is None]
-                    print(f"fastlaunch: the cell failed on some ranks while rank(s) {', '.join(waiting)} still run "
-                          "it (waiting for the others?); interrupt the kernel to stop them", file=sys.stderr)
+                    failed = [str(i) for i, r in enumerate(replies) if r and r.get("status") == "error"]
+                    running = [str(i) for i, r in enumerate(replies) if r is None]
+                    print(f"fastlaunch: rank(s) {', '.join(failed)} failed this cell; rank(s) {', '.join(running)} "
+                          "still run it: if they wait for the failed ones, interrupt the kernel", file=sys.stderr)
             except KeyboardInterrupt:  # the notebook's interrupt button: every rank stops at one batch
                 self.interrupt()
         for socket in channels:
@@ -208,15 +209,15 @@ class Session:
 
     # -- ending ------------------------------------------------------------------------------------------------
     def _gone(self) -> str:
-        """What the launcher said when the ranks went away (its fastlaunch lines, last first)."""
+        """What the launcher said when the ranks went away: its lines naming what happened."""
         try:
             self.process.wait(timeout=_STOP_WAIT_S)
         except subprocess.TimeoutExpired:
             pass
-        lines = [ln.strip() for ln in self.log.read_text(errors="replace").splitlines()
-                 if ln.startswith("fastlaunch:") and "ready in" not in ln]
-        said = " / ".join(lines[-3:]) or f"the launcher exited with status {self.process.returncode}"
-        return f"the session's ranks are gone: {said}"
+        lines = [ln.strip()[len("fastlaunch: "):] for ln in self.log.read_text(errors="replace").splitlines()
+                 if ln.startswith("fastlaunch: ")]
+        named = [ln for ln in lines[1:] if not ln.startswith(("last lines of", "logs:", "done in"))]
+        return " / ".join(named[:2]) or f"the launcher exited with status {self.process.returncode}"
 
     def stop(self, quiet: bool = False) -> int | None:
         """Shut every rank's kernel down, let the launcher finish (its report), and close the channels."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import sys
 from pathlib import Path
 from string import Template
@@ -13,7 +14,7 @@ from ..launcher.parsing import option_rows, parse_flags, wants_help
 from ..resources import data_path
 from ..lines import launcher_line
 
-__all__ = ["TEMPLATES", "template_files", "create_project", "new_main"]
+__all__ = ["TEMPLATES", "template_files", "notebook_of", "create_project", "new_main"]
 
 TEMPLATES = ("minimal", "vision", "tabular", "text")
 _COMMON = ("README.md", "launch.yaml", "test_smoke.py")
@@ -23,10 +24,32 @@ NEW_OPTIONS = (Option("template", "minimal", f"{' | '.join(TEMPLATES)} (default 
 NEW_HELP = f"""\
 usage: fastlaunch new DIR [--template minimal|vision|tabular|text] [--force]
 
-Creates DIR with train.py (an ordinary fastai script), README.md, launch.yaml and test_smoke.py.
+Creates DIR with train.py (an ordinary fastai script), notebook.ipynb (the same training for Jupyter),
+README.md, launch.yaml and test_smoke.py.
 Existing files are never overwritten; --force overwrites the template's own files only.
 
 {option_rows(NEW_OPTIONS, 21)}"""
+
+
+_MAIN_GUARD = 'if __name__ == "__main__":\n    main()\n'
+
+
+def notebook_of(train: str, title: str) -> str:
+    """notebook.ipynb: the same training as train.py, in Jupyter, on every rank of a session."""
+    body = train.replace(_MAIN_GUARD, "").rstrip() + "\n"
+    intro = (f"# {title}\n\nThe same training as `train.py`. The first cell starts the ranks: `%fastlaunch` uses "
+             "every GPU of this machine (or 2 CPU processes where there is none; `%fastlaunch --gpus 2` or "
+             "`--cpu 2` to choose); from then on every cell runs on every rank and rank 0's output shows here. "
+             "`%%local` runs a cell in this kernel only; `%fastlaunch stop` ends the ranks.")
+    cells = [("markdown", intro), ("code", "%load_ext fastlaunch\n%fastlaunch"), ("code", body),
+             ("code", 'import sys\nsys.argv = ["train.py", "--epochs", "1"]  # the flags train.py takes\nmain()')]
+    notebook = {"cells": [{"cell_type": kind, "metadata": {}, "source": text.splitlines(keepends=True),
+                           **({"outputs": [], "execution_count": None} if kind == "code" else {})}
+                          for kind, text in cells],
+                "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+                             "language_info": {"name": "python"}},
+                "nbformat": 4, "nbformat_minor": 5}
+    return json.dumps(notebook, indent=1) + "\n"
 
 
 def template_files(template: str, project: str) -> dict[str, str]:
@@ -35,7 +58,8 @@ def template_files(template: str, project: str) -> dict[str, str]:
         raise UsageError("unknown template", template, f"use one of: {', '.join(TEMPLATES)}")
     train = data_path("templates", template, "train.py").read_text()
     title = (ast.get_docstring(ast.parse(train)) or "").splitlines()[0]
-    files = {"train.py": train}
+    assert _MAIN_GUARD in train, f"templates/{template}/train.py ends with the main guard"
+    files = {"train.py": train, "notebook.ipynb": notebook_of(train, title)}
     for name in _COMMON:
         text = data_path("templates", "_common", name).read_text()
         files[name] = Template(text).safe_substitute(project=project, title=title, template=template)
