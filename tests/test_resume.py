@@ -176,3 +176,25 @@ def test_sigkill_during_a_large_write_never_leaves_a_partial_file(tmp_path):
     final = folder / "big.pt"
     assert not final.exists() or torch.load(final)["w"].numel() == 60_000_000
     assert checkpoint.latest(tmp_path) in (None, final)
+
+
+def test_a_notebook_job_stopped_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, uninterrupted):
+    """`fastlaunch train.ipynb` then `--resume`: the cells run again, the fit resumes mid-epoch."""
+    cells = ["%load_ext fastlaunch\n%fastlaunch --cpu 2", SCRIPT.read_text()]
+    notebook = tmp_path / "probe.ipynb"
+    notebook.write_text(json.dumps({"cells": [{"cell_type": "code", "metadata": {}, "source": c, "outputs": [],
+                                               "execution_count": None} for c in cells],
+                                    "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    out = tmp_path / "out"
+    out.mkdir()
+    stopped = _run(["--cpu", "2", "--seed", "11", notebook], tmp_path, out, "signal:1:batch5")
+    assert stopped.returncode == 75, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    run_dir = next((tmp_path / "runs").iterdir())
+    resumed = _run(["--resume", run_dir], tmp_path, out, "plain")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    saved = checkpoint.load(run_dir / "checkpoints" / "preempt.pt")
+    assert saved["epoch"] == 1 and 5 <= saved["iter"] < 8  # mid-epoch, at a batch every rank agreed on
+    r0, r1 = _ranks(out)
+    assert r0["seen"][0] == [1, 8 + saved["iter"] + 1] and r0["weights"] == r1["weights"]  # from the next batch
+    assert r0["weights"] == pytest.approx(uninterrupted["weights"], rel=1e-5)
+    assert (run_dir / "probe.executed.ipynb").exists()
