@@ -28,8 +28,10 @@ test: lint
 	$(BIN)/python -m pytest
 
 # fastlaunch against torchrun and a plain PyTorch DDP loop, interleaved; writes benchmarks/RESULTS.md.
+# Then notebook sessions against scripts: benchmarks/RESULTS-notebook.md.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks --runs 5
+	$(BIN)/python -m benchmarks.session --rounds 3
 
 clean:
 	rm -rf $(VENV) runs templates/minimal/runs

@@ -4,6 +4,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -33,3 +35,17 @@ def test_ratios_pair_the_same_round_and_leave_out_a_failed_one():
     assert a == [2.0, None, 4.0]
     assert _ratio(a, b) == "1.50x (spread 1.00-2.00, 2 rounds)"  # round 2 left out, not paired with round 3
     assert _median(a) == 3.0 and _median([None]) != _median([None])  # nan when nothing ran
+
+
+def test_the_notebook_session_benchmark_runs_at_a_tiny_size(tmp_path):
+    pytest.importorskip("ipykernel", reason="needs the notebook extra (pip install 'fastlaunch[notebook]'; make test has it)")
+    out = tmp_path / "RESULTS-notebook.md"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.session", "--quick", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert "Rounds that failed" not in text, text
+    for figure in ("session start to ready / script launch to first step: ", "a trivial cell's round trip",
+                   "the script as one cell / the same script under fastlaunch: "):
+        line = next(ln for ln in text.splitlines() if figure in ln)
+        assert "n/a" not in line, line
