@@ -4,6 +4,8 @@ interrupt button, errors, a rank that dies, bad input and the kernel's shutdown.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -157,7 +159,10 @@ class Kernel:
 
     def shutdown(self) -> None:
         self.kc.stop_channels()
-        self.km.shutdown_kernel(now=False)
+        if self.km.is_alive():
+            self.km.shutdown_kernel(now=False)
+        else:
+            self.km.cleanup_resources()
 
 
 TABULAR = '''\
@@ -227,11 +232,19 @@ def test_interrupt_errors_bad_input_a_dying_rank_and_shutdown_in_one_session(tmp
         assert reply["status"] == "ok" and "2 ranks on cpu ready" in text, text
         reply, text = kernel.run("import torch.distributed as dist\ndist.get_world_size() * 21")
         assert reply["status"] == "ok" and "42" in text, text
+        reply, text = kernel.run("%fastlaunch stop")
+        assert reply["status"] == "ok" and "session stopped (status 0)" in text, text
+        assert _gone(_run_dir(tmp_path)) == []
+        reply, text = kernel.run("import sys\nprint('local again:', 'torch' in sys.modules)")
+        assert reply["status"] == "ok" and "local again: False" in text, text  # cells run in the kernel again
+        reply, text = kernel.run("%fastlaunch restart")
+        assert reply["status"] == "ok" and "2 ranks on cpu ready" in text, text
         run_dir = _run_dir(tmp_path)
         assert _session_processes(run_dir)
+        os.kill(kernel.km.provisioner.process.pid, signal.SIGKILL)  # the kernel dies with no chance to clean up
     finally:
         kernel.shutdown()
-    assert _gone(run_dir) == []  # the kernel's shutdown leaves no process behind
+    assert _gone(run_dir) == []  # the kernel's death leaves no process behind
 
 
 def test_the_memory_advice_comes_once_when_reserved_memory_keeps_growing(tmp_path):

@@ -16,6 +16,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,6 +34,9 @@ __all__ = ["Session", "SessionOver", "Refused"]
 _READY_GUARD_S = 900.0  # a hang guard for the ranks' start (imports, rendezvous), not a timing
 _STOP_WAIT_S = 30.0
 _PR_SET_PDEATHSIG = 1
+# The launcher's summary of how the ranks ended (launcher/outcome.py): a failure, a hang, a signal.
+_SUMMARY = re.compile(r"^(rank \d+ (failed|also failed|stopped)|.* hung: |interrupted|SIG\w+ received|"
+                      r"the script exited)")
 
 
 def _die_with_parent() -> None:
@@ -215,8 +219,8 @@ class Session:
         except subprocess.TimeoutExpired:
             pass
         lines = [ln.strip()[len("fastlaunch: "):] for ln in self.log.read_text(errors="replace").splitlines()
-                 if ln.startswith("fastlaunch: ")]
-        named = [ln for ln in lines[1:] if not ln.startswith(("last lines of", "logs:", "done in"))]
+                 if ln.startswith("fastlaunch: ")]  # the launcher's own lines among rank 0's, followed
+        named = [ln for ln in lines if _SUMMARY.match(ln)]
         return " / ".join(named[:2]) or f"the launcher exited with status {self.process.returncode}"
 
     def stop(self, quiet: bool = False) -> int | None:

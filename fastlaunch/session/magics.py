@@ -138,7 +138,9 @@ class FastlaunchMagics(Magics):
     def _stop(self) -> None:
         session = self._live()
         status = session.stop()
-        print(f"fastlaunch: session stopped (status {status}); run dir {session.run_dir}")
+        self.session = None  # cells run in this kernel again
+        print(f"fastlaunch: session stopped (status {status}); cells run in this kernel again; "
+              f"run dir {session.run_dir}")
 
     def _restart(self) -> None:
         if self.session is not None:
