@@ -90,13 +90,26 @@ def uninterrupted(tmp_path_factory):
     return _ranks(cwd / "out")[0]
 
 
-@pytest.mark.parametrize("where", ["0:batch1", "1:batch5", "1:valid", "3:valid"])
-def test_a_stop_anywhere_resumes_to_the_uninterrupted_recorder_and_weights(tmp_path, uninterrupted, where):
+def _as_notebook(folder):
+    """The probe as a notebook (the session lines, then the script in one cell)."""
+    cells = ["%load_ext fastlaunch\n%fastlaunch --cpu 2", SCRIPT.read_text()]
+    notebook = folder / "probe.ipynb"
+    notebook.write_text(json.dumps({"cells": [{"cell_type": "code", "metadata": {}, "source": c, "outputs": [],
+                                               "execution_count": None} for c in cells],
+                                    "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    return notebook
+
+
+@pytest.mark.parametrize("where, notebook", [("0:batch1", False), ("1:batch5", True), ("1:valid", False),
+                                             ("3:valid", False)])
+def test_a_stop_anywhere_resumes_to_the_uninterrupted_recorder_and_weights(tmp_path, uninterrupted, where, notebook):
     """Stopped early, mid-epoch, during validation, or in the last epoch's validation (no epoch left to
-    run): the resumed script observes the whole recorder and weights of the run that was never stopped."""
+    run): the resumed script observes the whole recorder and weights of the run that was never stopped.
+    Mid-epoch, the script runs as a notebook job: `--resume` runs its cells again and the fit resumes."""
     out = tmp_path / "out"
     out.mkdir()
-    stopped = _run(["--cpu", "2", "--seed", "11", SCRIPT], tmp_path, out, f"signal:{where}")
+    target = _as_notebook(tmp_path) if notebook else SCRIPT
+    stopped = _run(["--cpu", "2", "--seed", "11", target], tmp_path, out, f"signal:{where}")
     assert stopped.returncode == 75, stopped.stdout[-2000:] + stopped.stderr[-2000:]
     assert "stopped by a signal; checkpoint" in stopped.stdout
     run_dir = next((tmp_path / "runs").iterdir())
@@ -109,6 +122,7 @@ def test_a_stop_anywhere_resumes_to_the_uninterrupted_recorder_and_weights(tmp_p
     assert r0["losses"] == pytest.approx(uninterrupted["losses"], abs=1e-5)
     assert r0["lrs"] == pytest.approx(uninterrupted["lrs"], abs=1e-9)
     assert r0["weights"] == pytest.approx(uninterrupted["weights"], rel=1e-5)
+    assert (run_dir / "probe.executed.ipynb").exists() == notebook
 
 
 def test_a_failure_restarts_and_resumes_from_the_last_epoch(tmp_path):
@@ -177,24 +191,3 @@ def test_sigkill_during_a_large_write_never_leaves_a_partial_file(tmp_path):
     assert not final.exists() or torch.load(final)["w"].numel() == 60_000_000
     assert checkpoint.latest(tmp_path) in (None, final)
 
-
-def test_a_notebook_job_stopped_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, uninterrupted):
-    """`fastlaunch train.ipynb` then `--resume`: the cells run again, the fit resumes mid-epoch."""
-    cells = ["%load_ext fastlaunch\n%fastlaunch --cpu 2", SCRIPT.read_text()]
-    notebook = tmp_path / "probe.ipynb"
-    notebook.write_text(json.dumps({"cells": [{"cell_type": "code", "metadata": {}, "source": c, "outputs": [],
-                                               "execution_count": None} for c in cells],
-                                    "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
-    out = tmp_path / "out"
-    out.mkdir()
-    stopped = _run(["--cpu", "2", "--seed", "11", notebook], tmp_path, out, "signal:1:batch5")
-    assert stopped.returncode == 75, stopped.stdout[-2000:] + stopped.stderr[-2000:]
-    run_dir = next((tmp_path / "runs").iterdir())
-    resumed = _run(["--resume", run_dir], tmp_path, out, "plain")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    saved = checkpoint.load(run_dir / "checkpoints" / "preempt.pt")
-    assert saved["epoch"] == 1 and 5 <= saved["iter"] < 8  # mid-epoch, at a batch every rank agreed on
-    r0, r1 = _ranks(out)
-    assert r0["seen"][0] == [1, 8 + saved["iter"] + 1] and r0["weights"] == r1["weights"]  # from the next batch
-    assert r0["weights"] == pytest.approx(uninterrupted["weights"], rel=1e-5)
-    assert (run_dir / "probe.executed.ipynb").exists()

@@ -16,7 +16,7 @@ RANK_SCRIPT = textwrap.dedent('''
     from fastai.callback.core import CancelEpochException, CancelFitException, CancelTrainException
     from fastlaunch.rank.comm import Comm
     from fastlaunch.env import DistEnv
-    from fastlaunch.rank.stopchannel import KINDS, Preempted, StopChannel, flag_bucket_hook
+    from fastlaunch.rank.stopchannel import KINDS, Interrupted, Preempted, StopChannel, flag_bucket_hook
 
     rank, store_file, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
@@ -33,7 +33,8 @@ RANK_SCRIPT = textwrap.dedent('''
             return type(exc).__name__
 
     # 1. each kind asked by one rank rides on the gradients of a real DDP backward
-    for kind, asker in ((CancelTrainException, 1), (CancelEpochException, 0), (CancelFitException, 1), (Preempted, 0)):
+    for kind, asker in ((CancelTrainException, 1), (CancelEpochException, 0), (CancelFitException, 1), (Preempted, 0),
+                        (Interrupted, 1)):
         channel = StopChannel(torch.device("cpu"), comm)
         channel.on_preempt = lambda where: seen.append(("checkpoint at", where))
         model = DistributedDataParallel(nn.Linear(3, 2))
@@ -47,7 +48,7 @@ RANK_SCRIPT = textwrap.dedent('''
             results.append(result)
             if result != "none":
                 break
-        seen.append((kind.__name__, "gradients", results))
+        seen.append((kind.__name__, "gradients", results) + (("interrupted", channel.interrupted),) * (kind is Interrupted))
 
     # 2. end of training: piggybacked on the recorder's reduction; a preemption waits for the epoch's end
     channel = StopChannel(torch.device("cpu"), comm)
@@ -100,22 +101,24 @@ def test_every_stop_kind_asked_on_one_rank_stops_both_at_the_same_point(tmp_path
             p.kill()
     r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2))
     assert r0[:-2] == r1[:-2]  # the same outcome at the same point on both ranks, whichever asked
-    assert r0[:6] == [
+    assert r0[:7] == [
         ["CancelTrainException", "gradients", ["none", "CancelTrainException"]],
         ["CancelEpochException", "gradients", ["none", "CancelEpochException"]],
         ["CancelFitException", "gradients", ["none", "CancelFitException"]],
         ["checkpoint at", "batch"],
         ["Preempted", "gradients", ["none", "exit 75"]],
+        # the notebook's interrupt: fastai's cancel on both ranks, remembered to raise KeyboardInterrupt after the fit
+        ["Interrupted", "gradients", ["none", "CancelFitException"], ["interrupted", True]],
         ["payload", [3.0]],  # the payload summed, the flags taken off it
     ]
-    assert r0[6:-2] == [["end of training", "none"], ["kept", [1, 0, 0, 0]], ["checkpoint at", "epoch_end"],
+    assert r0[7:-2] == [["end of training", "none"], ["kept", [1, 0, 0, 0, 0]], ["checkpoint at", "epoch_end"],
                         ["epoch end", "exit 75"], ["validation", "CancelEpochException"],
-                        ["train cancel at epoch end", "none", [0, 0, 0, 0]]]
+                        ["train cancel at epoch end", "none", [0, 0, 0, 0, 0]]]
     assert r0[-2] == ["objects", 1, "from 1", [0, 1]] and r1[-2] == ["objects", 1, "from 1", None]
     assert r0[-1] == ["held", 4, True]
 
 
-@pytest.mark.parametrize("asked", [0, 1, 2, 3])
+@pytest.mark.parametrize("asked", [0, 1, 2, 3, 4])
 def test_the_flag_layout_is_the_payload_then_one_flag_per_kind(asked):
     import torch
 

@@ -81,7 +81,6 @@ def serve(ctx, folder: str) -> None:
 
     on_interrupt = _interrupt_handler(ctx)
     ctx.comm.ensure_group()  # torch.distributed answers in the first cell, as under a script's fit
-    os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # the kernel's debugger: no notes in the log
 
     class RankKernel(IPythonKernel):
         def pre_handler_hook(self):  # ipykernel makes SIGINT raise at once; a fit must stop at an agreed batch

@@ -98,6 +98,7 @@ def _run_script(script: str, args: list[str], ctx) -> int:
         if os.path.abspath(script) == os.path.abspath(_KERNEL_FILE):  # a notebook session's rank (kernel.py)
             from .kernel import serve
 
+            os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # the kernel's debugger: no notes in logs
             serve(ctx, args[0])
             return 0
         sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
