@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from .lines import rank_warning
 
-__all__ = ["write_atomic", "snapshot", "save", "latest", "load", "checkpoint_dir", "keep_last", "plain",
+__all__ = ["write_atomic", "snapshot", "save", "latest", "load", "checkpoint_dir", "keep_last", "plain", "manifest_of",
            "set_rng", "BadCheckpoint", "remove_stale_temporaries"]
 
 FORMAT = 2
@@ -124,6 +124,11 @@ def snapshot(learn, fit_index: int, epoch: int, batches_done: int, seed: int | N
 def _fastai_version() -> str | None:
     fastai = sys.modules.get("fastai")
     return getattr(fastai, "__version__", None)
+
+
+def manifest_of(path: Path) -> dict:
+    """A checkpoint's manifest (where it was: fit, epoch, batch; its hash)."""
+    return json.loads(_manifest_path(path).read_text())
 
 
 def _manifest_path(path: Path) -> Path:

@@ -67,6 +67,9 @@ class LaunchConfig:
     checkpoint_every: str = "none"  # "epoch": rank 0 checkpoints after every epoch
     keep_checkpoints: int = 2
     resume_from: Path | None = None  # a checkpoint file this run continues from
+    auto_resume: bool = False  # every start of the job uses run_dir; resume from its newest checkpoint
+    max_requeues: int = 3  # with auto_resume: starts after the first, at most
+    start: int = 0  # with auto_resume: which start of the job this is (0: the first)
     instrument: bool = True  # per-rank memory, sync and timing records, and the report
     notes: tuple[str, ...] = field(default=(), compare=False)
 

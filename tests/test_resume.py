@@ -100,20 +100,23 @@ def _as_notebook(folder):
     return notebook
 
 
-@pytest.mark.parametrize("where, notebook", [("0:batch1", False), ("1:batch5", True), ("1:valid", False),
-                                             ("3:valid", False)])
-def test_a_stop_anywhere_resumes_to_the_uninterrupted_recorder_and_weights(tmp_path, uninterrupted, where, notebook):
+@pytest.mark.parametrize("where, how", [("0:batch1", "auto"), ("1:batch5", "notebook"), ("1:valid", "resume"),
+                                        ("3:valid", "resume")])
+def test_a_stop_anywhere_resumes_to_the_uninterrupted_recorder_and_weights(tmp_path, uninterrupted, where, how):
     """Stopped early, mid-epoch, during validation, or in the last epoch's validation (no epoch left to
     run): the resumed script observes the whole recorder and weights of the run that was never stopped.
-    Mid-epoch, the script runs as a notebook job: `--resume` runs its cells again and the fit resumes."""
+    Resumed by `--resume RUN_DIR`; mid-epoch, the script runs as a notebook job (its cells run again and the fit
+    resumes); early, the same command starts again with --auto-resume, as a requeued job or a `while` loop."""
     out = tmp_path / "out"
     out.mkdir()
-    target = _as_notebook(tmp_path) if notebook else SCRIPT
-    stopped = _run(["--cpu", "2", "--seed", "11", target], tmp_path, out, f"signal:{where}")
+    target = _as_notebook(tmp_path) if how == "notebook" else SCRIPT
+    job = tmp_path / "runs" / "job"
+    command = ["--cpu", "2", "--seed", "11", *(["--run-dir", job, "--auto-resume"] if how == "auto" else []), target]
+    stopped = _run(command, tmp_path, out, f"signal:{where}")
     assert stopped.returncode == 75, stopped.stdout[-2000:] + stopped.stderr[-2000:]
     assert "stopped by a signal; checkpoint" in stopped.stdout
     run_dir = next((tmp_path / "runs").iterdir())
-    resumed = _run(["--resume", run_dir], tmp_path, out, "plain")
+    resumed = _run(command if how == "auto" else ["--resume", run_dir], tmp_path, out, "plain")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     r0, r1 = _ranks(out)
     assert r0["values"] == r1["values"] and len(r0["values"]) == 4
@@ -122,7 +125,13 @@ def test_a_stop_anywhere_resumes_to_the_uninterrupted_recorder_and_weights(tmp_p
     assert r0["losses"] == pytest.approx(uninterrupted["losses"], abs=1e-5)
     assert r0["lrs"] == pytest.approx(uninterrupted["lrs"], abs=1e-9)
     assert r0["weights"] == pytest.approx(uninterrupted["weights"], rel=1e-5)
-    assert (run_dir / "probe.executed.ipynb").exists() == notebook
+    assert (run_dir / "probe.executed.ipynb").exists() == (how == "notebook")
+    if how == "auto":  # one directory for every start: numbered, the first start's logs kept
+        assert "--auto-resume: resuming the job from" in resumed.stderr + resumed.stdout
+        assert yaml.safe_load((job / "launch.yaml").read_text())["start"] == 1
+        assert (job / "logs" / "start0" / "rank0.log").exists() and (job / "logs" / "rank0.log").exists()
+        again = _run(command, tmp_path, out, "plain")  # finished: never resumed again
+        assert again.returncode == 2 and "this job has finished already" in again.stderr, again.stderr
 
 
 def test_a_failure_restarts_and_resumes_from_the_last_epoch(tmp_path):

@@ -111,7 +111,7 @@ def test_rendered_job_matches_golden_and_is_valid_bash(tmp_path):
     assert subprocess.run(["bash", "-n", str(job)]).returncode == 0
     for needed in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
                    '--cpus-per-task="$SLURM_CPUS_PER_TASK"', "#SBATCH --signal=USR1@120",
-                   'scontrol requeue "$SLURM_JOB_ID"', "--gpus 8 --precision bf16 train.py --epochs 5 'a b'"):
+                   'scontrol requeue "$SLURM_JOB_ID"', "--gpus 8 --precision bf16 --run-dir \"runs/slurm-${SLURM_JOB_ID}\" --auto-resume train.py --epochs 5 'a b'"):
         assert needed in text
 
 

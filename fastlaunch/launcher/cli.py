@@ -10,8 +10,9 @@ from ..tools.cluster.slurm_command import slurm_main
 from ..tools.doctor_cli import doctor_main
 from ..env import launcher_environ
 from ..errors import UsageError
+from ..lines import launcher_line
 from ..option_table import LAUNCHER_OPTIONS
-from .options import BOOL_FLAGS, VALUE_FLAGS, merged_options, options_of_run, parse_tokens
+from .options import BOOL_FLAGS, VALUE_FLAGS, merged_options, options_of_run
 from .parsing import option_rows, wants_help
 from .parsing import split_argv as _split_argv
 from ..tools.report_command import report_main
@@ -101,7 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(HELP, end="")
             return 0
         base = None
-        resume = parse_tokens(tokens)[0]["resume"]
+        first, _ = merged_options(tokens)
+        resume = first["resume"]
+        if first["auto_resume"]:  # a requeued start of the same job: its newest checkpoint, if any
+            from .autoresume import resume_source
+
+            resume = resume_source(first, say=launcher_line)
         if resume is not None:
             base, saved_script, saved_args = _previous_run(str(resume))
             if script is None:
@@ -110,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("no script given", " ".join(argv), "write the script path after the launcher flags: "
                              "fastlaunch --cpu 2 train.py")
         opts, given = merged_options(tokens, base=base)
+        opts["resume"] = resume
         config = build_config(opts, given, script, script_args, environ=launcher_environ())
         from .rendezvous import bind_loopback
         from .rundir import prepare_run_dir

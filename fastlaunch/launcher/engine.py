@@ -14,6 +14,7 @@ from .. import heartbeat
 from . import rendezvous
 from ..config import STOPPED_BY_SIGNAL, LaunchConfig
 from ..env import environ_overlay, launcher_environ, stop_marker_request
+from .autoresume import FINISHED
 from .failwatch import FailureWatch
 from .hangwatch import HangWatch
 from .logs import ConsoleFollower, RankLogsSpecs
@@ -162,5 +163,7 @@ def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
         if handler is not None:
             signal.signal(sig, handler)
     if status == 0:
+        if config.auto_resume:  # a later start of this job must not resume it again
+            (config.run_dir / FINISHED).write_text(f"start {config.start}\n")
         say(f"fastlaunch: done in {time.monotonic() - started:.1f}s; run dir {config.run_dir}")
     return status

@@ -1,7 +1,10 @@
-"""The run directory: runs/<YYYYmmdd-HHMMSS>-<stem>[-N]/, created once, never shared by two runs."""
+"""The run directory: runs/<YYYYmmdd-HHMMSS>-<stem>[-N]/, created once, never shared by two runs; or the one
+--run-dir names (DIR/node<N>/ for each machine of a multi-node job), which only the starts of one job share
+(--auto-resume, autoresume.py)."""
 from __future__ import annotations
 
 import dataclasses
+import socket
 import time
 from pathlib import Path
 
@@ -9,6 +12,7 @@ import yaml
 
 from ..config import LaunchConfig
 from ..errors import UsageError
+from .autoresume import archive_logs, check_requeues, node_dir, previous_start
 
 __all__ = ["prepare_run_dir", "claim_unique", "rank_log_name", "attempt_of", "LAUNCH_FILE"]
 
@@ -41,18 +45,25 @@ def claim_unique(root: Path, name: str) -> Path:
 
 def prepare_run_dir(config: LaunchConfig, root: Path = Path("runs"), now: float | None = None) -> LaunchConfig:
     """Create the run directory (or check the one given), write launch.yaml, return the final config."""
+    start = 0
     try:
         if config.run_dir is None:
             stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
             path = claim_unique(root.resolve(), f"{stamp}-{config.script.stem}")
+        elif config.multi_node and config.node_rank is None:  # the rendezvous orders the machines: no fixed name
+            path = claim_unique(config.run_dir, socket.gethostname())
         else:
-            path = config.run_dir
+            path = node_dir(config.run_dir, config.multi_node, config.node_rank)
             if (path / LAUNCH_FILE).exists():
-                raise UsageError("--run-dir already holds another run", path,
-                                 "pass a new directory, or leave --run-dir out for a fresh runs/<stamp>-<stem>")
+                if not config.auto_resume:
+                    raise UsageError("--run-dir already holds another run", path,
+                                     "pass a new directory, or leave --run-dir out for a fresh runs/<stamp>-<stem>")
+                start = (previous_start(path) or 0) + 1  # a requeued start of the same job
+                check_requeues(path, start, config.max_requeues)
+                archive_logs(path, start - 1)
             path.mkdir(parents=True, exist_ok=True)
         (path / "logs").mkdir(exist_ok=True)
-        config = dataclasses.replace(config, run_dir=path)
+        config = dataclasses.replace(config, run_dir=path, start=start)
         (path / LAUNCH_FILE).write_text(yaml.safe_dump(config.as_dict(), sort_keys=False))
     except OSError as err:
         raise UsageError("cannot write the run directory", f"{err.filename or config.run_dir}: {err.strerror}",

@@ -11,7 +11,10 @@ from typing import Callable, Sequence
 from ...env import SlurmFacts
 from ...resources import data_path
 
-__all__ = ["parse_nodelist", "node_addr", "job_port", "rendezvous_endpoint", "SbatchSpec", "render_sbatch"]
+__all__ = ["parse_nodelist", "node_addr", "job_port", "rendezvous_endpoint", "SbatchSpec", "render_sbatch",
+           "JOB_RUN_DIR"]
+
+JOB_RUN_DIR = "runs/slurm-${SLURM_JOB_ID}"  # relative to the job's --chdir (the submit directory)
 
 
 def _split_top(text: str) -> list[str]:
@@ -111,8 +114,10 @@ def render_sbatch(spec: SbatchSpec) -> str:
     if spec.partition:
         directives.insert(1, f"--partition={spec.partition}")
     ranks = f"--gpus {spec.ranks_per_node}" if spec.use_gpus else f"--cpu {spec.ranks_per_node}"
-    command = quote([spec.python, "-m", "fastlaunch", *ranks.split(), *spec.launcher_flags,
-                     spec.script, *spec.script_args])
+    # Every start of the job (the first and each requeue) uses one run directory and resumes from its newest
+    # checkpoint (autoresume.py); the shell expands the job id.
+    command = " ".join([quote([spec.python, "-m", "fastlaunch", *ranks.split(), *spec.launcher_flags]),
+                        f'--run-dir "{JOB_RUN_DIR}" --auto-resume', quote([spec.script, *spec.script_args])])
     return _template().substitute(
         directives="\n".join(f"#SBATCH {d}" for d in directives),
         command=command,
