@@ -166,8 +166,8 @@ LAUNCHER_OPTIONS: tuple[Option, ...] = (
          env=("RESUME", "resume_from", "path")),
     _opt("auto_resume", False, "for jobs a scheduler requeues: every start uses --run-dir, and a start that\n"
          "finds a checkpoint there resumes from the newest (fastlaunch slurm sets it)"),
-    _opt("max_requeues", 3, "with --auto-resume: starts after the first, at most (default 3)", "N", whole_or_text,
-         slurm=True),
+    _opt("max_requeues", None, "with --auto-resume: starts after the first, at most (default 3)", "N",
+         whole_or_text, slurm=True),
     _opt("no_instrument", False, "no per-rank metrics and no report (on by default)",
          env=("INSTRUMENT", "instrument", "flag")),
     _opt("config", None, "a YAML launch config with these flags' names as keys (flags given here win)", "FILE",

@@ -123,12 +123,14 @@ def test_slurm_passes_on_the_marked_options_only(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "train.py").write_text("")
     passed = [o for o in LAUNCHER_OPTIONS if o.slurm]
-    assert [o.flag for o in passed] == ["--precision", "--max-restarts", "--seed", "--keep-global-batch", "--sync-bn"]
+    assert [o.flag for o in passed] == ["--precision", "--max-restarts", "--seed", "--keep-global-batch", "--sync-bn",
+                                        "--max-requeues"]
     flags = [t for o in passed for t in ([o.flag] if o.switch else [o.flag, "3"])]
     assert cli.main(["slurm", "--gpus", "2", "--time", "1:00:00", *flags, "train.py", "--lr", "1"]) == 0
-    assert f"-m fastlaunch --gpus 2 {' '.join(flags)} train.py --lr 1" in capsys.readouterr().out
+    assert (f"-m fastlaunch --gpus 2 {' '.join(flags)} --run-dir \"runs/slurm-${{SLURM_JOB_ID}}\" --auto-resume "
+            "train.py --lr 1") in capsys.readouterr().out
     assert cli.main(["slurm", "--gpus", "2", "--time", "1:00:00", "train.py"]) == 0
-    assert "-m fastlaunch --gpus 2 train.py" in capsys.readouterr().out  # defaults are not passed on
+    assert "-m fastlaunch --gpus 2 --run-dir" in capsys.readouterr().out  # defaults are not passed on
     assert cli.main(["slurm", "--gpus", "2", "--time", "1:00:00", "--hang-timeout", "5", "train.py"]) == 2
     assert "unknown launcher flag before the script (got --hang-timeout)" in capsys.readouterr().err
 

@@ -30,6 +30,10 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 }
 SUBCOMMANDS = tuple(COMMANDS)
 
+# What a requeued start of a multi-machine job takes from its own command line and scheduler, never from the
+# saved launch.yaml (which is node 0's).
+_THIS_START = frozenset(o.name for o in LAUNCHER_OPTIONS if o.section == "nodes")
+
 _SECTIONS = {"launcher": "launcher flags (before SCRIPT):",
              "nodes": "several machines (run the same command on each; under srun, Slurm fills these in):"}
 
@@ -110,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             resume = resume_source(first, say=launcher_line)
         if resume is not None:
             base, saved_script, saved_args = _previous_run(str(resume))
+            if first["auto_resume"]:  # this start's own place among the machines, not the saved one's
+                base = {k: v for k, v in base.items() if k not in _THIS_START}
             if script is None:
                 script, script_args = saved_script, saved_args
         if script is None:

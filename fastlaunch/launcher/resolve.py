@@ -205,6 +205,6 @@ def build_config(opts: dict, given: set[str], script: str, script_args: list[str
         notes=tuple(notes + rank_notes), grace=grace,
         hang_timeout=hang_timeout, checkpoint_every=every,
         keep_checkpoints=count("--keep-checkpoints", opts["keep_checkpoints"], 1), resume_from=resume_from,
-        auto_resume=bool(opts["auto_resume"]), max_requeues=count("--max-requeues", opts["max_requeues"], 0),
+        auto_resume=bool(opts["auto_resume"]), max_requeues=3 if opts["max_requeues"] is None else count("--max-requeues", opts["max_requeues"], 0),
         instrument=not opts["no_instrument"], **nodes,
     )

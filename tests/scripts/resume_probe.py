@@ -6,7 +6,7 @@ mid-epoch), fail_once (rank 1 raises at epoch 2's 4th batch on the first attempt
 when <where> is "valid"), or plain. With $FL_HOLD_FOR_SIGNAL in slow mode, each rank holds at the batch after
 its ready marker until its own process has received SIGTERM/SIGUSR1 (a scheduler may deliver a signal
 seconds after it was sent; the stop must still land mid-fit). With $FL_SLOW_EXIT_RANK0, rank 0 lingers after its script (a teardown
-that ignores SIGTERM), so that on several nodes another node's launcher exits first and srun ends the step."""
+that ignores SIGTERM) on a Slurm job's first start, so that on several nodes another node's launcher exits first and srun ends the step."""
 import atexit
 import signal
 import json
@@ -23,7 +23,7 @@ MODE = os.environ.get("FL_MODE", "plain")
 OUT = Path(os.environ["FL_PROBE_OUT"])
 RANK = int(os.environ.get("RANK", 0))
 ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-if os.environ.get("FL_SLOW_EXIT_RANK0") and RANK == 0:
+if os.environ.get("FL_SLOW_EXIT_RANK0") and RANK == 0 and os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
     def slow_teardown():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         time.sleep(60)
@@ -81,7 +81,9 @@ class Pace(Callback):
             time.sleep(0.4)
             if self.epoch == 1 and self.iter == 2:
                 (OUT / f"ready-rank{RANK}").touch()
-            if self.epoch == 1 and self.iter == 3 and os.environ.get("FL_HOLD_FOR_SIGNAL"):
+            held = OUT / f"held-rank{RANK}"
+            if self.epoch == 1 and self.iter == 3 and os.environ.get("FL_HOLD_FOR_SIGNAL") and not held.exists():
+                held.touch()  # once: a resumed start numbers the rest of the epoch's batches from 0 again
                 hold_for_signal()
         if MODE == "fail_once" and ATTEMPT == 0 and RANK == 1 and self.epoch == 2 and self.iter == 3:
             raise RuntimeError("rank 1 fails once")
