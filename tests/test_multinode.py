@@ -42,18 +42,18 @@ def test_rank_zeros_node_reports_the_whole_world_and_names_a_slow_rank_on_the_ot
     port = _free_port()
     env = {**os.environ, "FL_PROBE_OUT": str(tmp_path), "FL_MODE": "slow1"}  # rank 1 (node 1) sleeps per batch
     nodes = [subprocess.Popen([sys.executable, "-m", "fastlaunch", "--nnodes", "2", "--node-rank", str(r),
-                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--cpu", "1", "--run-dir", f"node{r}",
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--cpu", "1", "--run-dir", "job",
                                str(SCRIPTS / "instrument_probe.py")],
                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(2)]
     results = [n.communicate(timeout=240) for n in nodes]
     for node, (stdout, stderr) in zip(nodes, results):
         assert node.returncode == 0, stdout[-2000:] + stderr[-2000:]
-    report = json.loads((tmp_path / "node0" / "report.json").read_text())
+    report = json.loads((tmp_path / "job" / "node0" / "report.json").read_text())
     assert report["world_size"] == 2 and report["ranks"] == [0, 1] and report["missing"] == []
-    assert (tmp_path / "node0" / "metrics" / "rank1.jsonl").exists()  # node 1's records, sent to rank 0
+    assert (tmp_path / "job" / "node0" / "metrics" / "rank1.jsonl").exists()  # node 1's records, sent to rank 0
     stragglers = [d for d in report["diagnoses"] if "slower than the median" in d]
     assert len(stragglers) == 1 and stragglers[0].startswith("rank 1 steps"), report["diagnoses"]
     assert "rank 1 steps" in results[0][1]  # said on node 0's console
-    local = json.loads((tmp_path / "node1" / "report.json").read_text())  # node 1 keeps its own view
+    local = json.loads((tmp_path / "job" / "node1" / "report.json").read_text())  # node 1 keeps its own view
     assert local["ranks"] == [1] and local["missing"] == []
