@@ -39,6 +39,11 @@ def test_two_rank_run_writes_records_report_png_and_console_table(tmp_path):
         assert rec["step_time"] >= rec["work_time"] >= 0
         assert rec["syncs_per_step"] >= 0 and rec["epoch_end_wait"] >= 0 and rec["steps"] > 0
     assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # fastai's progress bars, piped and in the logs: each bar's final state, no carriage-return fragments
+    logs = [(run_dir / "logs" / f"rank{rank}.log").read_text() for rank in (0, 1)]
+    assert "\r" not in proc.stdout and not any("\r" in log for log in logs)
+    assert proc.stdout.count("epoch     train_loss") == 1
+    assert not [line for line in proc.stdout.splitlines() + logs[0].splitlines() if line.strip() == "\u2588"]
     assert proc.stdout.count("fastlaunch: epoch 2 per rank | r0:") == 1
     assert all(rec["syncs_per_step"] == 0 for rec in report["epochs"])  # fastai's defaults and fastlaunch: none
     assert "nothing slows this run down" in proc.stderr

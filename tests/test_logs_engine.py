@@ -38,7 +38,28 @@ def test_console_follower_copies_bytes_as_written_and_switches_files(tmp_path):
         second.write_bytes(b"attempt 2\n")
         time.sleep(0.2)
     out.flush()
-    assert out.buffer.getvalue() == b"epoch 1\r50%\rdone\nattempt 2\n"
+    assert out.buffer.getvalue() == b"done\nattempt 2\n"  # not a terminal: each bar's final state
+
+
+def test_a_terminal_keeps_the_live_bar_and_a_log_keeps_each_bars_final_state(tmp_path):
+    from fastlaunch.launcher.bars import tidy_log
+
+    class Terminal(io.TextIOWrapper):
+        def isatty(self):
+            return True
+
+    out = Terminal(io.BytesIO(), write_through=True)
+    log = tmp_path / "rank0.log"
+    raw = (b"\xe2\x96\x88\repoch  train_loss\n\xe2\x96\x88\rEpoch 1/2 : |--| 0% [0/8]\rEpoch 1/2 : |##| 100% [8/8 0.7]"
+           b"\r            \r\n0  0.70  00:01\nfastlaunch: epoch 0\n")
+    with ConsoleFollower(out, interval=0.01) as follower:
+        follower.follow(log)
+        log.write_bytes(raw)
+        time.sleep(0.2)
+    out.flush()
+    assert out.buffer.getvalue() == raw  # live, as written
+    tidy_log(log)
+    assert log.read_bytes() == b"epoch  train_loss\nEpoch 1/2 : |##| 100% [8/8 0.7]\n0  0.70  00:01\nfastlaunch: epoch 0\n"
 
 
 def test_tail_lines_folds_progress_bars(tmp_path):

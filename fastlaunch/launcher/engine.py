@@ -15,6 +15,7 @@ from . import rendezvous
 from ..config import STOPPED_BY_SIGNAL, LaunchConfig
 from ..env import environ_overlay, launcher_environ, stop_marker_request
 from .autoresume import FINISHED
+from .bars import tidy_log
 from .failwatch import FailureWatch
 from .hangwatch import HangWatch
 from .logs import ConsoleFollower, RankLogsSpecs
@@ -150,6 +151,8 @@ def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
         name = signal.Signals(caught.sigval).name
         say(f"fastlaunch: {name} received; ranks stopped")
         status = signal_status(caught.sigval, logs_specs.log_dir, sorted(logs_specs.error_files()))
+    for log in logs_specs.log_dir.glob("rank*.log"):  # the ranks are gone: each bar in its final state
+        tidy_log(log)
     # The ranks are gone: a late stop (srun ending the step on another node's exit) must not turn this
     # node's status into 143 while the report is written.
     saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}

@@ -9,6 +9,7 @@ from typing import Callable, TextIO
 
 from torch.distributed.elastic.multiprocessing.api import LogsDest, LogsSpecs
 
+from .bars import BarCollapser, final_state
 from .rundir import attempt_of, rank_log_name
 
 __all__ = ["RankLogsSpecs", "ConsoleFollower", "tail_lines", "rank_log_name", "attempt_of"]
@@ -62,10 +63,10 @@ class RankLogsSpecs(LogsSpecs):
 
 
 def tail_lines(path: Path, n: int) -> list[str]:
-    """The last n lines of a text file (progress-bar carriage returns folded)."""
+    """The last n lines of a text file, progress bars in their final state."""
     try:
-        with open(path, errors="replace") as fh:
-            lines = deque((line.rstrip("\n").split("\r")[-1] for line in fh), maxlen=n)
+        with open(path, "rb") as fh:
+            lines = deque((final_state(line.rstrip(b"\n")).decode(errors="replace") for line in fh), maxlen=n)
     except OSError:
         return []
     return list(lines)
@@ -81,6 +82,8 @@ class ConsoleFollower:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fastlaunch-console", daemon=True)
         self._mid_line = False  # rank 0's last output did not end its line (a progress bar)
+        # a terminal shows the live progress bar; a pipe or a file gets each bar's final state
+        self._collapse = None if getattr(out, "isatty", lambda: False)() else BarCollapser()
 
     def follow(self, path: Path) -> None:
         """Follow this file from its start (a new attempt's rank 0 log)."""
@@ -94,6 +97,9 @@ class ConsoleFollower:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        rest = self._collapse.flush() if self._collapse is not None else b""
+        if rest:
+            self._write(rest)
         if self._mid_line:  # the launcher's own lines that follow start on a fresh line
             self._write(b"\n")
 
@@ -121,7 +127,9 @@ class ConsoleFollower:
                     fd, current = os.open(wanted, os.O_RDONLY), wanted
                 chunk = os.read(fd, 1 << 16) if fd is not None else b""
                 if chunk:
-                    self._write(chunk)
+                    shown = self._collapse.feed(chunk) if self._collapse is not None else chunk
+                    if shown:
+                        self._write(shown)
                     continue
                 if stopping:
                     return
