@@ -6,11 +6,12 @@ import types
 
 import pytest
 
-from conftest import SCRIPTS, only_run_dir, run_fastlaunch
+from conftest import REPO, SCRIPTS, only_run_dir, run_fastlaunch
 from fastlaunch.rank.instrument import memory
 from fastlaunch.launcher.diagnose import diagnose
 
 SCRIPT = SCRIPTS / "instrument_probe.py"
+GOLDEN = REPO / "tests" / "golden"
 
 
 def _run(tmp_path, mode, *flags):
@@ -141,3 +142,53 @@ def test_gpu_diagnoses_from_records():
     assert "reserved 18.2 GB, allocated 11.0 GB: 39% fragmentation, 4 allocation retries" in text
     cpu = dict(base, device="cpu", visible_gpus=4)
     assert "rank 0 trained on cpu while 4 GPUs are visible" in " | ".join(diagnose([cpu]))
+
+
+def _report_records() -> list[dict]:
+    """Two ranks, two fits (2 and 3 epochs), a restart in the second: near-equal figures, as real runs have."""
+    records, t = [], 1000.0
+    for fit, attempt, epoch in ((0, 0, 0), (0, 0, 1), (1, 0, 0), (1, 0, 1), (1, 1, 1), (1, 1, 2)):
+        t += 10
+        for rank in (0, 1):
+            records.append({"rank": rank, "node": 0, "attempt": attempt, "fit": fit, "epoch": epoch, "time": t,
+                            "device": "cpu", "steps": 40, "step_time": 0.100 + 0.0001 * rank + 0.002 * epoch,
+                            "work_time": 0.09, "data_wait_frac": 0.05 + 0.01 * rank, "syncs_per_step": 0.0,
+                            "rss_mb": 837.1 + 0.1 * epoch + 0.2 * rank, "peak_rss_mb": 840.0})
+    return records
+
+
+def test_the_report_picture_matches_its_golden_image(tmp_path):
+    """Title, whole epoch numbers, y axes from zero (837.1 vs 837.6 MB looks equal), fits and a restart marked,
+    the diagnoses under the plots: compared with tests/golden/report.png (a tolerant pixel comparison)."""
+    from matplotlib.testing.compare import compare_images
+
+    from fastlaunch.launcher.report import _plot
+
+    out = tmp_path / "report.png"
+    _plot(_report_records(), out, "train.py, run 20260101-000000-train: 2 ranks x cpu, 5 epoch(s) recorded over 60 s",
+          ["rank 1 waits for data 30% of each step (num_workers=0, 1 core(s) per rank): try num_workers=1"])
+    golden = GOLDEN / "report.png"
+    assert compare_images(str(golden), str(out), tol=3) is None
+
+
+def test_past_eight_ranks_the_report_draws_a_band_and_the_slowest_rank(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from fastlaunch.launcher import report
+
+    records = [dict(r, rank=rank, step_time=r["step_time"] * (1.3 if rank == 7 else 1.0))
+               for r in _report_records() if r["rank"] == 0 for rank in range(12)]
+    drawn = []
+    real = matplotlib.axes.Axes.plot
+
+    def plot(ax, *args, **kwargs):
+        drawn.append(kwargs.get("label"))
+        return real(ax, *args, **kwargs)
+
+    matplotlib.axes.Axes.plot = plot
+    try:
+        report._plot(records, tmp_path / "report.png", "title", [])
+    finally:
+        matplotlib.axes.Axes.plot = real
+    assert drawn == ["median", "rank 7 (slowest)"] * 3 and (tmp_path / "report.png").stat().st_size > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import json
+from statistics import mean, median
 from pathlib import Path
 
 from .rundir import attempt_of
@@ -27,26 +28,92 @@ def read_records(run_dir: Path) -> list[dict]:
     return records
 
 
-def _plot(records: list[dict], path: Path) -> None:
+_PANELS = (("step_time", "step time (ms)", 1000.0, None), ("data_wait_frac", "waiting for data (% of step)", 100.0, 100.0))
+
+
+def _slots(records: list[dict]) -> list[tuple[int, int, int]]:
+    """Each (fit, attempt, epoch) of the run once, in the order the run reached it: the x axis."""
+    seen: dict[tuple[int, int, int], float] = {}
+    for r in records:
+        key = (int(r.get("fit", 0)), int(r.get("attempt", 0)), int(r["epoch"]))
+        seen[key] = min(seen.get(key, float("inf")), float(r.get("time", 0.0)))
+    return sorted(seen, key=lambda k: (seen[k], k))
+
+
+def _plot(records: list[dict], path: Path, title: str = "", diagnoses: Sequence[str] = ()) -> None:
+    """report.png: step time, data wait and memory per epoch; one labelled line per rank (past 8 ranks, the
+    spread as a band with the median and the slowest rank); y axes from zero; whole epoch numbers as the run
+    numbered them (a resumed run keeps its own); fits and restarts marked; the diagnoses written below."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     memory_key = "cuda_reserved_mb" if any("cuda_reserved_mb" in r for r in records) else "rss_mb"
-    panels = (("step_time", "step time (ms)", 1000.0), ("data_wait_frac", "data wait (% of step)", 100.0),
-              (memory_key, "memory (MB, " + ("CUDA reserved" if memory_key != "rss_mb" else "RSS") + ")", 1.0))
-    for ax, (key, title, scale) in zip(axes, panels):
-        for rank in sorted({r["rank"] for r in records}):
-            mine = [r for r in records if r["rank"] == rank]
-            ax.plot(range(len(mine)), [r.get(key, 0) * scale for r in mine], marker="o", label=f"rank {rank}")
-        ax.set_title(title)
-        ax.set_xlabel("epoch (in order, attempts included)")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    panels = (*_PANELS, (memory_key, "memory (MB, " + ("CUDA reserved" if memory_key != "rss_mb" else "RSS") + ")",
+                         1.0, None))
+    slots = _slots(records)
+    where = {key: i for i, key in enumerate(slots)}
+    ranks = sorted({r["rank"] for r in records})
+    notes = [textwrap.fill(f"- {d}", 150) for d in diagnoses] or ["- nothing slows this run down that fastlaunch can see"]
+    note_lines = sum(n.count("\n") + 1 for n in notes)
+    fig = plt.figure(figsize=(13, 4.0 + 0.17 * note_lines))
+    bottom = (0.55 + 0.17 * note_lines) / fig.get_figheight()
+    axes = fig.subplots(1, 3, gridspec_kw={"left": 0.05, "right": 0.99, "top": 0.8, "bottom": bottom + 0.08})
+    fig.suptitle(title, fontsize=11)
+    slowest = max(ranks, key=lambda k: mean(r["step_time"] for r in records if r["rank"] == k))
+    for ax, (key, label, scale, top) in zip(axes, panels):
+        lines = {rank: sorted(((where[(int(r.get("fit", 0)), int(r.get("attempt", 0)), int(r["epoch"]))],
+                                r.get(key, 0.0) * scale) for r in records if r["rank"] == rank)) for rank in ranks}
+        if len(ranks) <= 8:
+            for rank, points in lines.items():
+                ax.plot([x for x, _ in points], [y for _, y in points], marker="o", ms=3, label=f"rank {rank}")
+        else:
+            xs = sorted({x for points in lines.values() for x, _ in points})
+            values = [[y for points in lines.values() for x, y in points if x == at] for at in xs]
+            ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values], alpha=0.25,
+                            label=f"{len(ranks)} ranks, min to max")
+            ax.plot(xs, [median(v) for v in values], label="median")
+            points = lines[slowest]
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", ms=3, label=f"rank {slowest} (slowest)")
+        highest = max((y for points in lines.values() for _, y in points), default=0.0)
+        ax.set_ylim(0, top if top is not None else max(highest * 1.15, 1e-9))
+        ax.set_xlim(-0.5, len(slots) - 0.5)
+        step = max(1, len(slots) // 12)
+        ax.set_xticks(range(0, len(slots), step), [str(slots[i][2]) for i in range(0, len(slots), step)])
+        ax.set_xlabel("epoch")
+        ax.set_title(label, fontsize=10)
+        for i in range(1, len(slots)):
+            if slots[i][0] != slots[i - 1][0]:
+                ax.axvline(i - 0.5, color="grey", ls="--", lw=0.8)
+                ax.text(i - 0.45, ax.get_ylim()[1] * 0.97, f"fit {slots[i][0] + 1}", fontsize=7, va="top")
+            elif slots[i][1] != slots[i - 1][1]:
+                ax.axvline(i - 0.5, color="red", ls=":", lw=0.8)
+                ax.text(i - 0.45, ax.get_ylim()[1] * 0.97, "restart", fontsize=7, va="top", color="red")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.text(0.01, 0.02, "\n".join(notes), fontsize=8, va="bottom", family="monospace")
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _title(run_dir: Path, records: list[dict], world_size: int) -> str:
+    """The script, the run, ranks x device, nodes, and the time the epochs took."""
+    import yaml
+
+    try:
+        script = Path(str(yaml.safe_load((run_dir / "launch.yaml").read_text())["script"])).name
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        script = "script"
+    device = records[0].get("device", "cpu") if records else "cpu"
+    nodes = len({r.get("node", 0) for r in records}) or 1
+    span = max(r["time"] for r in records) - min(r["time"] - r["step_time"] * r.get("steps", 0) for r in records)
+    ranks = world_size or len({r["rank"] for r in records})
+    return (f"{script}, run {run_dir.name}: {ranks} rank{'s' if ranks != 1 else ''} x {device}"
+            f"{f' on {nodes} nodes' if nodes > 1 else ''}, {len(_slots(records))} epoch(s) "
+            f"recorded over {span:.0f} s")
 
 
 def assemble_report(run_dir: Path, world_size: int, failed: Sequence[int] = (), ranks_per_node: int | None = None,
@@ -72,7 +139,8 @@ def build_report(run_dir: Path, world_size: int, failed: Sequence[int] = (), ran
     report = assemble_report(run_dir, world_size, failed, ranks_per_node)
     (Path(run_dir) / "report.json").write_text(json.dumps(report, indent=1))
     if report["epochs"]:
-        _plot(report["epochs"], Path(run_dir) / "report.png")
+        _plot(report["epochs"], Path(run_dir) / "report.png", _title(Path(run_dir), report["epochs"], world_size),
+              report["diagnoses"])
     return report
 
 

@@ -139,7 +139,9 @@ class Instrument(LeanCallback):
         denv, comm = self.ctx.env, self.ctx.comm
         start = time.perf_counter()
         comm.barrier()  # how long each rank waits here tells who arrived last
-        record = {"rank": denv.rank, "node": denv.node_rank, "attempt": denv.restart_count, "epoch": self.epoch,
+        run = self.ctx.fit_of(self.learn)
+        record = {"rank": denv.rank, "node": denv.node_rank, "attempt": denv.restart_count,
+                  "fit": run.index if run is not None else 0, "epoch": self.epoch,
                   "time": time.time(),
                   "device": denv.device_type, "visible_gpus": self._visible, "cores": denv.cpus_per_rank,
                   "epoch_end_wait": time.perf_counter() - start, **self._train,
