@@ -74,7 +74,26 @@ def test_data_wait_matches_the_loaders_own_sleep_and_starvation_is_diagnosed(tmp
             assert rec["data_wait_frac"] > asleep - 0.01  # a wait can't be shorter than the loader's sleep
             truth = sum(fetched[epoch][1:]) / window  # the loader's own clock around each batch
             assert abs(rec["data_wait_frac"] - truth) < 0.05
-    assert "rank 0 waits for data" in proc.stderr and "try num_workers=1" in proc.stderr
+    cores = report["epochs"][0]["cores"]  # the advice follows the one rule (fastlaunch/advice.py)
+    fix = f"use num_workers={cores - 1}" if cores > 1 else "use lighter item transforms"
+    assert "rank 0 waits for data" in proc.stderr and fix in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("cores_per_rank", [1, 2, 4])
+@pytest.mark.parametrize("in_use", [0, 1, 3])
+def test_doctor_and_the_diagnoses_give_one_advice_never_the_value_in_use(cores_per_rank, in_use):
+    from fastlaunch.tools.doctor import check_cpu
+
+    doctor = check_cpu(cores_per_rank * 2, 2)[0]
+    record = {"rank": 0, "epoch": 0, "data_wait_frac": 0.5, "num_workers": in_use, "cores": cores_per_rank,
+              "step_time": 0.2, "work_time": 0.1, "syncs_per_step": 0.0}
+    said = next(d for d in diagnose([record]) if "waits for data" in d)
+    evidence, fix = said.rsplit("): ", 1)
+    assert "50%" in evidence and "100 ms of 200 ms" in evidence and f"num_workers={in_use}" in evidence
+    assert f"num_workers={in_use}" not in fix  # never the value already in use
+    best = cores_per_rank - 1
+    assert f"use num_workers={best} per DataLoader" in doctor.fix
+    assert (f"use num_workers={best}" in fix) == (in_use < best)  # the doctor's number, or no number at all
 
 
 def test_no_starvation_diagnosis_without_the_sleep(tmp_path):
@@ -167,6 +186,7 @@ def test_the_report_picture_matches_its_golden_image(tmp_path):
     out = tmp_path / "report.png"
     _plot(_report_records(), out, "train.py, run 20260101-000000-train: 2 ranks x cpu, 5 epoch(s) recorded over 60 s",
           ["rank 1 waits for data 30% of each step (num_workers=0, 1 core(s) per rank): try num_workers=1"])
+    # (the diagnosis text is drawn as given: the picture, not the advisor, is compared here)
     golden = GOLDEN / "report.png"
     assert compare_images(str(golden), str(out), tol=3) is None
 

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 
 from statistics import mean, median
 
+from ..advice import data_wait_advice
 from ..records import BY_DESIGN
 
 __all__ = ["diagnose"]
@@ -68,10 +69,8 @@ def diagnose(records: list[dict], missing: Sequence[int] = (), last_epoch: dict 
     for rank, recs in sorted(ranks.items()):
         wait = mean(r["data_wait_frac"] for r in recs)
         if wait > 0.2:
-            workers, cores = recs[-1].get("num_workers", 0), recs[-1].get("cores") or 1
-            found.append(f"rank {rank} waits for data {wait:.0%} of each step (num_workers={workers}, {cores} "
-                         f"core(s) per rank): try num_workers={min(cores, workers + 1) if cores > 1 else 1}, "
-                         "or lighter item transforms")
+            found.append(data_wait_advice(rank, wait, recs[-1].get("num_workers", 0), recs[-1].get("cores") or 1,
+                                          mean(r["step_time"] for r in recs)))
         found += _syncs(rank, recs)
         last = recs[-1]
         if last.get("cuda_reserved_mb") and last.get("fragmentation", 0) > 0.3:

@@ -12,6 +12,7 @@ import socket
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 
+from ..advice import loader_workers, workers_reason
 from ..env import launcher_environ
 
 __all__ = ["Finding", "check_versions", "check_cuda", "check_gpu_memory", "check_cpu", "check_shm", "check_port",
@@ -158,10 +159,10 @@ def check_gpu_memory(nvml: Any) -> list[Finding]:
 def check_cpu(cores: int, ranks: int) -> list[Finding]:
     """Cores against ranks and DataLoader workers."""
     per_rank = max(1, cores // max(1, ranks))
-    workers = max(0, per_rank - 1)
     level = "warn" if cores < ranks else "info"
-    return [Finding(level, "cpu", f"{cores} usable core(s) for {ranks} rank(s): {per_rank} per rank",
-                    f"use num_workers={workers} per DataLoader (fastlaunch sets defaults.cpus={per_rank})")]
+    return [Finding(level, "cpu", f"{cores} usable core(s) for {ranks} rank(s): {workers_reason(per_rank)}",
+                    f"use num_workers={loader_workers(per_rank)} per DataLoader "
+                    f"(fastlaunch sets defaults.cpus={per_rank})")]
 
 
 def check_shm(statvfs: Callable[[str], Any] = os.statvfs) -> list[Finding]:
