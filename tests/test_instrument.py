@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import types
 
 import pytest
@@ -50,6 +51,23 @@ def test_two_rank_run_writes_records_report_png_and_console_table(tmp_path):
     assert "nothing slows this run down" in proc.stderr
     again = run_fastlaunch(["report", run_dir], tmp_path)
     assert again.returncode == 0 and "rank 1 (epoch 2, attempt 0)" in again.stdout
+    # every file the run left is one the README's "What a run leaves" describes
+    readme = (REPO / "README.md").read_text()
+    listing = readme[readme.index("## What a run leaves"):].split("\n\n")[1]
+    described = [re.sub(r"\d+", r"\\d+", re.escape(line.split()[0])) for line in listing.splitlines()[1:]
+                 if line.startswith("      ") and not line.startswith("       ")]
+    left = [str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()]
+    assert left and [f for f in left if not any(re.fullmatch(d + ".*", f) for d in described)] == [], described
+
+
+def test_fastlaunch_report_breaks_a_run_of_several_fits_down_per_fit():
+    from fastlaunch.launcher.report import render_text
+
+    records = _report_records()
+    text = render_text({"epochs": records, "diagnoses": []})
+    assert "fastlaunch: fit 1, rank 0 (epoch 1, attempt 0)" in text and "fit 2, rank 1 (epoch 2, attempt 1)" in text
+    single = render_text({"epochs": [r for r in records if r["fit"] == 0], "diagnoses": []})
+    assert "fastlaunch: rank 0 (epoch 1, attempt 0)" in single and "fit 1" not in single
 
 
 def test_item_in_a_callback_is_one_sync_per_step_attributed_to_it(tmp_path):

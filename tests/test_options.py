@@ -219,3 +219,16 @@ def test_the_readme_flag_table_lists_every_launcher_option_and_no_other():
     written = set(re.findall(r"`(--[a-z-]+)", table))
     declared = {flag for option in LAUNCHER_OPTIONS for flag in option.flags}
     assert written == declared, f"README only: {sorted(written - declared)}; not in README: {sorted(declared - written)}"
+
+
+def test_the_readme_states_the_grace_defaults_the_tables_hold():
+    import re
+
+    from fastlaunch.option_table import LAUNCHER_OPTIONS, SLURM_OPTIONS
+
+    readme = (REPO / "README.md").read_text().replace("\n", " ")
+    launcher = next(o.default for o in LAUNCHER_OPTIONS if o.name == "grace")
+    slurm = next(o.default for o in SLURM_OPTIONS if o.name == "grace")
+    assert re.search(r"`fastlaunch slurm --grace S`, default (\d+)", readme).group(1) == str(slurm)
+    assert re.search(r"launcher's own `--grace`, (\d+) s by default", readme).group(1) == str(launcher)
+    assert re.search(r"\| `--grace S` \|[^|]*\(default (\d+)\)", readme).group(1) == str(launcher)

@@ -147,12 +147,14 @@ def build_report(run_dir: Path, world_size: int, failed: Sequence[int] = (), ran
 def render_text(report: dict) -> str:
     """The report for a person: the last epoch per rank, then the diagnoses."""
     lines = []
-    last: dict[int, dict] = {}
+    last: dict[tuple[int, int], dict] = {}  # (fit, rank): its last epoch
     for r in report["epochs"]:
-        last[r["rank"]] = r
-    for rank, r in sorted(last.items()):
+        last[(int(r.get("fit", 0)), r["rank"])] = r
+    several = len({fit for fit, _ in last}) > 1  # a script that trains more than once: one block per fit
+    for (fit, rank), r in sorted(last.items()):
         designed = r.get("by_design_syncs_per_step", 0.0)
-        lines.append(f"fastlaunch: rank {rank} (epoch {r['epoch']}, attempt {r.get('attempt', 0)}): "
+        lines.append(f"fastlaunch: {f'fit {fit + 1}, ' if several else ''}rank {rank} (epoch {r['epoch']}, "
+                     f"attempt {r.get('attempt', 0)}): "
                      f"step {r['step_time'] * 1000:.0f} ms, data wait {r['data_wait_frac']:.0%}, "
                      f"{r['syncs_per_step']:.1f} syncs/step{f' ({designed:.1f} by design)' if designed else ''}, "
                      f"RSS {r['rss_mb']:.0f} MB")
