@@ -1,8 +1,14 @@
-"""Progress of each rank, in shared memory: written by the rank at every fastai event, read by the launcher.
+"""Progress of each rank, in shared memory: written by the rank once per batch, read by the launcher.
 
 One fixed-size slot per local rank in a memory-mapped file of the run directory: a beat is a memory
 write (no system call), so it costs about a microsecond. The launcher's watch reads the slots once a
 second to tell a hung rank from ranks that only wait for it.
+
+A beat marks progress (the time, a counter, epoch and batch) at each batch's start and at the events
+between batches. Which callback runs is not beaten at every call: the dispatch keeps it in a CallSite
+(one attribute store per call), and a publisher thread copies its name into the slot's event field when
+it changes (twice a second), so a rank stuck inside a callback is still named with it. Entering and
+leaving a collective writes the flags alone: no beat.
 """
 from __future__ import annotations
 
@@ -10,11 +16,12 @@ import contextlib
 import mmap
 import os
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Beat", "Heartbeat", "NoHeartbeat", "read_beats", "progress_file", "create", "open_slot", "SLOT",
+__all__ = ["Beat", "CallSite", "Heartbeat", "NoHeartbeat", "read_beats", "progress_file", "create", "open_slot", "SLOT",
            "IN_FIT", "WAITING", "REACHED_GROUP", "JOINING_GROUP", "IN_COLLECTIVE"]
 
 # time, counter, pid, global rank, epoch, iter, flags (1: in a fit, 2: waiting in a known wait,
@@ -22,6 +29,9 @@ __all__ = ["Beat", "Heartbeat", "NoHeartbeat", "read_beats", "progress_file", "c
 _FORMAT = "<dqiiiii40s"
 _PACKER = struct.Struct(_FORMAT)
 SLOT = _PACKER.size
+_FLAGS_AT = struct.calcsize("<dqiiii")  # the flags field's offset in a slot
+_EVENT_AT = _FLAGS_AT + 4
+_FLAGS = struct.Struct("<i")
 IN_FIT, WAITING, REACHED_GROUP, JOINING_GROUP, IN_COLLECTIVE = 1, 2, 4, 8, 16
 
 
@@ -56,6 +66,20 @@ class Beat:
         """Plain words: the event it was in, and where in the fit."""
         place = f" (epoch {self.epoch}, batch {self.iter})" if self.flags & IN_FIT else ""
         return f"{self.event or 'starting'}{place}"
+
+
+class CallSite:
+    """The callback the dispatch runs now (cb None: fastai's own code), read only when a name is needed."""
+
+    __slots__ = ("cb", "event")
+
+    def __init__(self) -> None:
+        self.cb: object = None
+        self.event = ""
+
+    def label(self) -> str:
+        cb = self.cb
+        return "fastai" if cb is None else f"{type(cb).__name__}.{self.event}"
 
 
 class Heartbeat:
@@ -94,9 +118,28 @@ class Heartbeat:
         _PACKER.pack_into(self._map, self._offset, time.time(), self._counter, self._pid, self._rank,
                           self._epoch, self._iter, self._flags, self._event)
 
-    def set_flag(self, flag: int, on: bool = True) -> None:
+    def set_flag(self, flag: int, on: bool = True, beat: bool = True) -> None:
         self._flags = (self._flags | flag) if on else (self._flags & ~flag)
-        self.beat()
+        if beat:
+            self.beat()
+        else:
+            _FLAGS.pack_into(self._map, self._offset + _FLAGS_AT, self._flags)
+
+    def follow(self, site: CallSite, interval: float = 0.5) -> None:
+        """Publish the name of the callback running now whenever it changes (a daemon thread): a rank stuck
+        in a callback between beats is named with it."""
+        def publish() -> None:
+            last: tuple = (None, "")
+            while True:
+                time.sleep(interval)
+                now = (site.cb, site.event)
+                if now[0] is not None and (now[0] is not last[0] or now[1] != last[1]):
+                    name = site.label().encode()[:40]
+                    self._event = name
+                    self._map[self._offset + _EVENT_AT: self._offset + _EVENT_AT + 40] = name.ljust(40, b"\0")
+                last = now
+
+        threading.Thread(target=publish, name="fastlaunch-callsite", daemon=True).start()
 
     def in_collective(self) -> "_Flagged":
         """Marks a blocking collective: a rank waiting in one waits for its peers, it is not the hung one.
@@ -129,10 +172,10 @@ class _Flagged:
         self._beats, self._flag = beats, flag
 
     def __enter__(self) -> None:
-        self._beats.set_flag(self._flag, True)
+        self._beats.set_flag(self._flag, True, beat=False)
 
     def __exit__(self, *exc) -> None:
-        self._beats.set_flag(self._flag, False)
+        self._beats.set_flag(self._flag, False, beat=False)
 
 
 class NoHeartbeat:
@@ -141,7 +184,10 @@ class NoHeartbeat:
     def beat(self, event: str | None = None, epoch: int | None = None, iteration: int | None = None) -> None:
         pass
 
-    def set_flag(self, flag: int, on: bool = True) -> None:
+    def set_flag(self, flag: int, on: bool = True, beat: bool = True) -> None:
+        pass
+
+    def follow(self, site: CallSite, interval: float = 0.5) -> None:
         pass
 
     def in_collective(self) -> contextlib.AbstractContextManager:

@@ -48,6 +48,69 @@ def test_flags_carried_by_backward_are_read_once():
     assert state.take_received() is None
 
 
+class _FakeEvent:
+    """A CUDA event on CPU: records which events the host waited for."""
+
+    waited: list = []
+
+    def __init__(self):
+        self.step = None
+
+    def record(self):
+        self.step = len(_FakeEvent.made)
+        _FakeEvent.made.append(self)
+
+    def synchronize(self):
+        _FakeEvent.waited.append(self.step)
+
+
+def _gpu_like_channel():
+    _FakeEvent.made, _FakeEvent.waited = [], []
+    return StopChannel(torch.device("cpu"), deferred=True, new_event=_FakeEvent)
+
+
+def _backward(channel):
+    """One step's flags as the gradient all-reduce sums them (one rank), then what the rank reads."""
+    channel.receive(channel.outgoing())
+    return channel.take_received()
+
+
+def test_gpu_ranks_read_flags_two_steps_late_and_never_wait_for_the_step_before():
+    from fastlaunch.rank.stopchannel import READ_LAG
+
+    channel = _gpu_like_channel()
+    reads = []
+    for step in range(6):
+        if step == 1:
+            channel.request(CancelEpochException)
+        flags = _backward(channel)
+        reads.append(flags)
+        if flags is not None:
+            try:
+                channel.agree(flags)
+            except CancelEpochException:
+                reads.append("cancelled")
+    assert READ_LAG == 2 and reads[:2] == [None, None]
+    # the request rode step 1 (and was consumed there): read and acted on at step 3, once
+    assert reads[2:] == [[0.0] * 5, [0.0, 0.0, 0.0, 1.0, 0.0], "cancelled", [0.0] * 5, [0.0] * 5]
+    # at step s the host waited for step s-2's event only: the step before is never waited for
+    assert _FakeEvent.waited == [0, 1, 2, 3]
+
+
+def test_flags_in_flight_when_a_stop_is_acted_on_do_not_act_again():
+    channel = _gpu_like_channel()
+    channel.request(CancelEpochException)
+    _backward(channel)
+    channel.pending = [0, 0, 0, 1, 0]  # another request of the same stop, sent with the next step too
+    _backward(channel)
+    with pytest.raises(CancelEpochException):
+        channel.agree(_backward(channel))
+    later = [_backward(channel) for _ in range(3)]  # step 1's flags, still in flight, carried the same request
+    assert later == [[0.0] * 5] * 3
+    for flags in later:
+        channel.agree(flags)  # nothing raised
+
+
 def test_interleave_restores_dataset_order_without_padding():
     n, world = 7, 2
     parts = [torch.arange(r, n, world) for r in range(world)]  # rank 0: 0 2 4 6, rank 1: 1 3 5

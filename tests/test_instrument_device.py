@@ -87,9 +87,9 @@ def test_sync_audit_counts_cuda_warnings_per_step_by_source_then_puts_everything
         filters_before = list(warnings.filters)
         assert audit.start() and cuda.modes == ["warn"] and not audit.start()
         for _ in range(2):
-            counter.source = "Probe.after_batch"
+            counter.override = "Probe.after_batch"
             warnings.warn(SYNC_WARNING)  # what torch raises from C++ at a sync (nonzero, masked indexing)
-            counter.source = "DataLoader"
+            counter.override = "DataLoader"
             warnings.warn(SYNC_WARNING)
             warnings.warn(SYNC_WARNING)
             warnings.warn("unrelated", DeprecationWarning)  # other warnings pass through

@@ -1,8 +1,13 @@
 """fastai integration in one process: callbacks on every Learner, and each patch doing what it claims."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import zipfile
 
+import fastai.callback.all  # noqa: F401  (every module a patch changes, loaded: every patch applies at install)
+import fastai.distributed  # noqa: F401
 import pytest
 import torch
 from fastai.basics import Callback, Datasets, Learner
@@ -223,3 +228,47 @@ def test_reset_forgets_the_fits_sequences_and_lines_of_a_context(ctx):
     ctx.reset()
     assert next(ctx.fit_numbers) == 0 and next(ctx.loader_numbers) == 0
     assert not ctx.said and ctx.resume_plan is None and not ctx.resume_read and ctx.fit_of(learn) is None
+
+
+DEFERRED = textwrap.dedent("""
+    import sys
+    from fastlaunch.env import DistEnv
+    from fastlaunch.rank import integrate
+    from fastlaunch.rank.context import RankContext
+
+    installation = integrate.install(RankContext(DistEnv.from_environ({})))
+    out = {"fastai loaded at install": "fastai" in sys.modules}
+    from fastai.basics import Learner, defaults
+    from fastai.learner import Learner as L2
+    out["fit patched"] = hasattr(Learner.fit, "__wrapped__") and L2._call_one.__module__.startswith("fastlaunch")
+    out["progress loaded"] = "fastai.callback.progress" in sys.modules
+    out["default callbacks"] = [c.__name__ for c in defaults.callbacks]
+    from fastai.callback.progress import CSVLogger
+    out["csv patched"] = hasattr(CSVLogger.before_fit, "__wrapped__")
+    import fastai.distributed as fd
+    out["DistributedDL everywhere"] = fd.DistributedDL.__name__
+    import fastai.vision.all  # noqa: F401  (loaded after fastai.learner was patched)
+    gathers = {name: vars(m)["maybe_gather"].__module__ for name, m in list(sys.modules.items())
+               if name.startswith("fastai") and "maybe_gather" in vars(m)}
+    out["maybe_gather replaced in later modules"] = gathers.get("fastai.vision.all")
+    installation.uninstall()
+    gathers = {vars(m)["maybe_gather"].__module__ for name, m in list(sys.modules.items())
+               if name.startswith("fastai") and "maybe_gather" in vars(m)}
+    out["after uninstall"] = [hasattr(Learner.fit, "__wrapped__"), hasattr(CSVLogger.before_fit, "__wrapped__"),
+                              fd.DistributedDL.__name__, sorted(gathers)]
+    print(out)
+""")
+
+
+def test_patches_wait_for_their_module_and_nothing_is_loaded_that_the_script_did_not_import():
+    proc = subprocess.run([sys.executable, "-c", DEFERRED], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = eval(proc.stdout.strip().splitlines()[-1])
+    assert out["fastai loaded at install"] is False
+    assert out["fit patched"] is True
+    assert out["progress loaded"] is False  # fastai.basics has no progress bar: none added
+    assert "ProgressCallback" not in out["default callbacks"] and "DistributedFit" in out["default callbacks"]
+    assert out["csv patched"] is True and out["DistributedDL everywhere"] == "ShardedDL"
+    assert out["maybe_gather replaced in later modules"] == "fastlaunch.rank.integrate.core"
+    # put back everywhere, in the modules loaded after the patch too
+    assert out["after uninstall"] == [False, False, "DistributedDL", ["fastai.torch_core"]]

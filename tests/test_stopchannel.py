@@ -75,6 +75,34 @@ RANK_SCRIPT = textwrap.dedent('''
     if rank == 1:
         channel.request(CancelTrainException)
     seen.append(("train cancel at epoch end", outcome(lambda: channel.agree(channel.exchange(), allowed=(Preempted, CancelFitException))), channel.pending))
+    # 7. several buckets: each one's reduction starts at once and the last waits for them all (the mean of
+    #    both ranks' gradients, as DDP's own reduction gives), the flags still riding on the last one
+    import copy
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 2))
+    model = DistributedDataParallel(copy.deepcopy(plain), bucket_cap_mb=0.004)
+    channel = StopChannel(torch.device("cpu"), comm)
+    buckets = set()
+
+    def counted(state, bucket):
+        buckets.add(bucket.index())
+        return flag_bucket_hook(state, bucket)
+
+    model.register_comm_hook(channel, counted)
+    inputs = [torch.randn(8, 40, generator=torch.Generator().manual_seed(r)) for r in range(2)]
+    results = []
+    for step in range(3):
+        model.zero_grad()
+        if step == 1 and rank == 0:
+            channel.request(CancelEpochException)
+        model(inputs[rank] * (step + 1)).sum().backward()
+        results.append(outcome(lambda: channel.agree(channel.take_received() or [0.0] * len(KINDS))))
+        plain.zero_grad()
+        for r in range(2):
+            plain(inputs[r] * (step + 1)).sum().backward()
+        same = all(torch.allclose(p.grad, q.grad / 2, atol=1e-6) for p, q in zip(model.module.parameters(), plain.parameters()))
+        results.append(same)
+    seen.append(("buckets", len(buckets) > 1, results))
     # 6. the object collectives on gloo, and the works this thread keeps (their last reference is dropped here)
     seen.append(("objects", comm.all_gather_object({"rank": rank, "big": "x" * (1000 * rank)})[1]["rank"],
                  comm.broadcast_object(f"from {rank}", src=1), comm.gather_to_rank_zero(rank)))
@@ -113,7 +141,8 @@ def test_every_stop_kind_asked_on_one_rank_stops_both_at_the_same_point(tmp_path
     ]
     assert r0[7:-2] == [["end of training", "none"], ["kept", [1, 0, 0, 0, 0]], ["checkpoint at", "epoch_end"],
                         ["epoch end", "exit 75"], ["validation", "CancelEpochException"],
-                        ["train cancel at epoch end", "none", [0, 0, 0, 0, 0]]]
+                        ["train cancel at epoch end", "none", [0, 0, 0, 0, 0]],
+                        ["buckets", True, ["none", True, "CancelEpochException", True, "none", True]]]
     assert r0[-2] == ["objects", 1, "from 1", [0, 1]] and r1[-2] == ["objects", 1, "from 1", None]
     assert r0[-1] == ["held", 4, True]
 

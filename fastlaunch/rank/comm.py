@@ -41,6 +41,7 @@ class Comm:
         self._first_calls = itertools.count()  # the same sequence on every rank: every rank makes the same calls
         self._store_client: Any = None
         self._held: collections.deque = collections.deque(maxlen=self._KEEP)  # see _run
+        self._begun: list = []  # gradient reductions started and not yet waited for (begin_reduce)
 
     @property
     def world_size(self) -> int:
@@ -131,15 +132,25 @@ class Comm:
             self._run(dist.all_reduce, tensor)
         return tensor
 
-    def reduce_gradients(self, packed: torch.Tensor, async_op: bool = False):
-        """Sum DDP's gradient bucket (with the stop flags) over ranks: DDP's own traffic, made with torch's
-        all_reduce as captured at start (a script's counting wrappers see fastlaunch's collectives, not the
-        gradients). Blocking on CPU; on GPUs returns the work handle, whose wait belongs to the device."""
-        if async_op:
-            with self.beats.in_collective():
-                return self._grad_all_reduce(packed, async_op=True)
-        self._run(self._grad_all_reduce, packed)
-        return packed
+    def reduce_gradients(self, packed: torch.Tensor):
+        """Sum DDP's gradient bucket (with the stop flags) over ranks on a GPU: DDP's own traffic, made with
+        torch's all_reduce as captured at start (a script's counting wrappers see fastlaunch's collectives,
+        not the gradients). Returns the work handle, whose wait belongs to the device."""
+        return self._grad_all_reduce(packed, async_op=True)
+
+    def begin_reduce(self, bucket: torch.Tensor) -> None:
+        """Start summing a gradient bucket over ranks in place, on the host (gloo), and return at once:
+        the reduction overlaps the rest of the backward pass. `finish_reduces` waits for every one begun."""
+        self._begun.append((self._grad_all_reduce(bucket, async_op=True), bucket))
+
+    def finish_reduces(self) -> None:
+        """Wait for the gradient reductions begun this step. Their work handles are kept until a few more
+        collectives (see _run): this thread, not a gloo thread, drops the last reference."""
+        begun, self._begun = self._begun, []
+        with self.beats.in_collective():
+            for work, _ in begun:
+                work.wait()
+        self._held.append(begun)
 
     def broadcast_tensors(self, tensors, src: int = 0) -> None:
         """Rank src's values into every rank's tensors, in place."""

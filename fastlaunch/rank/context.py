@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from .comm import Comm
 from ..env import DistEnv
-from ..heartbeat import IN_FIT, NoHeartbeat
+from ..heartbeat import IN_FIT, CallSite, NoHeartbeat
 from ..lines import rank_line
 
 __all__ = ["RankContext", "FitRun", "bind"]
@@ -45,8 +45,9 @@ class RankContext:
         self.env = env
         self.beats = beats if beats is not None else NoHeartbeat()
         self.comm = Comm(env, self.beats)
+        self.site = CallSite()  # the callback running now (the dispatch sets it; heartbeat and syncs read it)
         self._say = say or rank_line
-        self.syncs: Any = None  # the SyncCounter, made when a fit is first measured
+        self._syncs: Any = None
         self.callback_classes: tuple[type, ...] = ()  # fastlaunch's callbacks bound to this context, once installed
         self.reset()
 
@@ -59,6 +60,17 @@ class RankContext:
         self.resume_plan: dict | None = None  # the checkpoint a resumed run continues from, until consumed
         self.resume_read = False
         self._fits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @property
+    def syncs(self) -> Any:
+        """The SyncCounter, made when a fit is first measured; it gives each sync to this rank's call site."""
+        return self._syncs
+
+    @syncs.setter
+    def syncs(self, counter: Any) -> None:
+        if counter is not None:
+            counter.site = self.site
+        self._syncs = counter
 
     @property
     def is_rank_zero(self) -> bool:

@@ -37,7 +37,7 @@ def _interrupt_handler(ctx):
 
 
 def _notebook_progress_bars() -> None:
-    """fastai was imported before the kernel existed, so fastprogress chose console bars: switch to the HTML
+    """Where fastai was imported before the kernel existed, fastprogress chose console bars: switch to the HTML
     bars a notebook shows (rank 0's are relayed live)."""
     try:
         import fastprogress.fastprogress as fp

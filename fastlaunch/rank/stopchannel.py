@@ -18,6 +18,7 @@ every rank alike, until the epoch's end.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 from typing import Any, Callable
 
@@ -27,7 +28,7 @@ from fastai.callback.core import CancelEpochException, CancelFitException, Cance
 
 from ..config import STOPPED_BY_SIGNAL
 
-__all__ = ["StopChannel", "Preempted", "Interrupted", "ROUTED", "KINDS", "flag_bucket_hook"]
+__all__ = ["StopChannel", "Preempted", "Interrupted", "ROUTED", "KINDS", "READ_LAG", "flag_bucket_hook"]
 
 
 class Preempted(Exception):
@@ -44,13 +45,15 @@ class Interrupted(Exception):
 ROUTED = (CancelFitException, CancelEpochException, CancelTrainException)
 # Every kind of stop, most severe first: a request for a bigger stop wins when several are pending.
 KINDS = (Preempted, Interrupted, *ROUTED)
+READ_LAG = 2  # GPU ranks read a backward's flags this many steps later
 
 
 class StopChannel:
     """One distributed fit's stop requests: this rank's pending flags, and the flags last received."""
 
     def __init__(self, device: torch.device, comm: Any = None,
-                 quiet_reads: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+                 quiet_reads: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 deferred: bool | None = None, new_event: Callable[[], Any] | None = None):
         self.device, self.comm, self.quiet_reads = device, comm, quiet_reads
         self.pending = [0] * len(KINDS)
         self._sent = [0] * len(KINDS)  # what left with the last collective: agree() consumes only these
@@ -58,7 +61,10 @@ class StopChannel:
         self.interrupted = False  # an agreed Interrupted cancelled the fit: it ends with KeyboardInterrupt
         self.on_preempt: Callable[[str], None] | None = None  # called on every rank before leaving
         self._received: torch.Tensor | None = None
-        self._in_flight: tuple[torch.Tensor, Any] | None = None
+        # On a GPU the flags of a backward are read READ_LAG steps later (see take_received); tests fake it.
+        self.deferred = getattr(device, "type", str(device)) == "cuda" if deferred is None else deferred
+        self._new_event = new_event or (lambda: torch.cuda.Event())
+        self._in_flight: collections.deque = collections.deque()  # [host copy, its event, kinds to ignore]
 
     # -- asking ---------------------------------------------------------------------------------------------
     def request(self, exc_type: type) -> None:
@@ -108,25 +114,28 @@ class StopChannel:
         """The flags carried by a backward, the same on every rank at the same step.
 
         On CPU they are read at once. On a GPU, reading them now would block the host until the
-        all-reduce finishes (a sync per step), so they are copied without blocking and read one step
-        later: every rank still acts at the same step, one batch after the request.
+        all-reduce finishes (a sync per step), so they are copied without blocking and read READ_LAG
+        steps later, when the device is long past them: the host may run that many steps ahead and never
+        waits for the step before. Every rank still acts at the same step, READ_LAG batches after the
+        request.
         """
         received, self._received = self._received, None
         if received is None:
             return None
-        if received.device.type != "cuda":
+        if not self.deferred:
             with self.quiet_reads():  # already on the host: reading it waits for nothing
                 return received.tolist()
-        previous, event = self._in_flight or (None, None)
+        done = self._new_event()
         host = received.to("cpu", non_blocking=True)
-        done = torch.cuda.Event()
         done.record()
-        self._in_flight = (host, done)
-        if previous is None or event is None:
+        self._in_flight.append([host, done, set()])
+        if len(self._in_flight) <= READ_LAG:
             return None
-        event.synchronize()  # recorded a whole step ago: already complete in practice
+        host, event, ignored = self._in_flight.popleft()
+        event.synchronize()  # recorded READ_LAG steps ago: complete unless the host ran that far ahead
         with self.quiet_reads():
-            return previous.tolist()
+            flags = host.tolist()
+        return [0.0 if i in ignored else flag for i, flag in enumerate(flags)]
 
     # -- acting -----------------------------------------------------------------------------------------------
     def agree(self, summed: list[float], allowed: tuple[type, ...] = KINDS, position: str = "batch") -> None:
@@ -151,6 +160,8 @@ class StopChannel:
                 if self.on_preempt is not None:
                     self.on_preempt(position)
                 raise SystemExit(STOPPED_BY_SIGNAL)
+            for entry in self._in_flight:  # flags sent before this stop carry its request again: acted on now
+                entry[2].add(KINDS.index(cls))
             exc = cls()
             exc.agreed = True  # raised by agreement: not intercepted again
             raise exc
@@ -165,10 +176,11 @@ def _done(value: torch.Tensor) -> torch.futures.Future:
 def flag_bucket_hook(channel: StopChannel, bucket) -> torch.futures.Future:
     """DDP comm hook: average the gradients; on the last bucket, sum the stop flags alongside.
 
-    On CPU (gloo) each bucket is reduced on the calling thread: a Python continuation run by a gloo
-    thread takes CPython's thread-state lock, and a DataLoader worker forked at that instant deadlocks
-    in the child. On GPUs (NCCL) the work's future completes as it is enqueued, so the continuation
-    runs on the calling thread anyway and the reduction stays overlapped with the backward pass.
+    On CPU (gloo) every bucket's reduction starts at once and runs while backward goes on; the last bucket
+    (DDP hooks its buckets in order, the last one last) waits for them all on the calling thread. No Python
+    continuation ever runs on a gloo thread: one takes CPython's thread-state lock, and a DataLoader worker
+    forked at that instant deadlocks in the child. On GPUs (NCCL) the work's future completes as it is
+    enqueued, so the continuation runs on the calling thread and the reduction overlaps backward too.
     """
     world = dist.get_world_size()
     buffer = bucket.buffer()
@@ -183,9 +195,11 @@ def flag_bucket_hook(channel: StopChannel, bucket) -> torch.futures.Future:
         return grads
 
     if buffer.device.type == "cpu":
-        channel.comm.reduce_gradients(packed)
+        channel.comm.begin_reduce(packed)
+        if last:
+            channel.comm.finish_reduces()
         return _done(unpack(packed))
-    fut = channel.comm.reduce_gradients(packed, async_op=True).get_future()
+    fut = channel.comm.reduce_gradients(packed).get_future()
     return fut.then(lambda f: unpack(f.value()[0]))
 
 

@@ -14,6 +14,7 @@ faulthandler.enable()  # a crash in native code (SIGSEGV, SIGABRT) still leaves 
 
 import atexit  # noqa: E402
 import ctypes  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 import runpy  # noqa: E402
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     arm_parent_death(int(launcher_pid) if launcher_pid else None)
     faulthandler.register(signal.SIGUSR2, all_threads=True)  # the launcher asks a hung rank for its stack
     ctx = RankContext(denv, open_slot(denv.run_dir, denv.local_rank, denv.rank))
+    ctx.beats.follow(ctx.site)  # the callback running now, published twice a second for the hang watch
     for sig in (signal.SIGTERM, signal.SIGUSR1):  # the engine forwards these: stop at an agreed batch
         signal.signal(sig, stop_signal_handler(ctx))
     from .patching import Installation
@@ -149,24 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     from ..quiet import quiet_dependency_warnings
 
     quiet_dependency_warnings()  # fastai's import and DataFrame tensors: noise the user cannot act on
-    try:
-        import fastai  # noqa: F401
-    except ImportError:
-        pass  # a plain torch script: nothing to integrate
-    else:
-        from ..errors import UsageError
+    if importlib.util.find_spec("fastai") is not None:
         from .integrate import install
 
-        try:
-            install(ctx)
-        except UsageError as exc:  # an unsupported fastai: one line, before the script
-            print(exc, file=sys.stderr)
-            _record_failure(exc, exc.exit_code)
-            return exc.exit_code
-    if denv.world_size > 1:
-        # DDP's constructor imports torch._dynamo: seconds when cold, on a busy machine more than a short
-        # --hang-timeout. Paid here, before the script, rather than inside a fit the hang watch times.
-        import torch._dynamo  # noqa: F401
+        # Nothing of fastai is imported here: each patch applies when the script imports its module (an
+        # unsupported fastai is refused at that import, one line with a HINT); a plain PyTorch script
+        # never loads fastai.
+        install(ctx)
     status = 1
     try:
         status = _run_script(argv[0], argv[1:], ctx)

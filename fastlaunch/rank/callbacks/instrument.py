@@ -32,14 +32,14 @@ class TimedLoader:
         while True:
             start = time.perf_counter()
             if counter is not None:
-                counter.source = "DataLoader"  # what the audit sees now is the loader's (its copy to the GPU)
+                counter.override = "DataLoader"  # what the audit sees now is the loader's (its copy to the GPU)
             try:
                 batch = next(it)
             except StopIteration:
                 return
             finally:
                 if counter is not None:
-                    counter.source = "fastai"
+                    counter.override = None
             self._waits.append(time.perf_counter() - start)
             yield batch
 

@@ -15,13 +15,19 @@ __all__ = ["DistributedFit", "FastlaunchDDP", "pin_batches", "to_sync_batchnorm"
 
 
 class FastlaunchDDP(DistributedDataParallel):
-    """DDP that passes attribute access and indexing through to the wrapped module."""
+    """DDP that passes attribute access and indexing through to the wrapped module.
+
+    fastai looks attributes up on the model that DDP lacks (about 50 misses a training step); nn.Module's
+    lookup raises for each, so this reads DDP's own parameters, buffers and modules first, as nn.Module
+    does, and otherwise asks the wrapped module: no exception on the way."""
 
     def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.module, name)
+        own = self.__dict__
+        for kind in ("_parameters", "_buffers", "_modules"):
+            found = own[kind]
+            if name in found:
+                return found[name]
+        return getattr(own["_modules"]["module"], name)
 
     def __getitem__(self, idx): return self.module[idx]
     def __len__(self): return len(self.module)

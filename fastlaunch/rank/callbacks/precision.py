@@ -1,7 +1,8 @@
 """Mixed precision on the rank's own device: fastai's MixedPrecision hard-codes autocast('cuda').
 
 Rule: a script's own to_fp16()/to_bf16() wins over `--precision`; a conflict is reported once on
-rank 0; a Learner never carries two MixedPrecision callbacks.
+rank 0; a Learner never carries two MixedPrecision callbacks. Loaded only with fastai's fp16 module (the
+script's to_fp16, or --precision): see asked_precision.py.
 """
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ from fastai.callback.fp16 import AMPMode, MixedPrecision
 from fastcore.foundation import L
 
 from ...errors import UsageError
-from .base import LeanCallback
 
-__all__ = ["DevicePrecision", "LauncherPrecision", "use_script_precision", "bf16_check", "rnns_outside_autocast"]
+__all__ = ["DevicePrecision", "use_script_precision", "bf16_check", "rnns_outside_autocast"]
 
 
 def bf16_check(device_type: str, supported=None) -> None:
@@ -99,12 +99,3 @@ def use_script_precision(ctx, learn, cb: MixedPrecision):
     learn.remove_cbs([c for c in learn.cbs if isinstance(c, MixedPrecision)])
     learn.add_cb(cb)
     return learn
-
-
-class LauncherPrecision(LeanCallback):
-    """Gives every Learner the launcher's --precision, unless the script chose one itself."""
-
-    def after_create(self):
-        asked = self.ctx.env.precision
-        if asked != "no" and not any(isinstance(c, MixedPrecision) for c in self.learn.cbs):
-            self.learn.add_cb(DevicePrecision(amp_mode=AMPMode(asked)))

@@ -1,7 +1,8 @@
 """Console output on rank 0 only: other ranks keep no progress bar and print no epoch table."""
 from __future__ import annotations
 
-from fastai.callback.progress import ProgressCallback
+import sys
+
 from fastcore.basics import noop
 
 from .base import LeanCallback
@@ -12,10 +13,12 @@ __all__ = ["RankZeroOutput"]
 class RankZeroOutput(LeanCallback):
     """On ranks other than 0, silences the Learner's logger and removes its progress bar."""
 
-    order = ProgressCallback.order - 1
+    order = 59  # before fastai's ProgressCallback (60)
 
     def after_create(self):
         # Not `self.run`: fastai resets run to True after every fit.
         if not self.ctx.is_rank_zero:
             self.learn.logger = noop
-            self.learn.remove_cbs(ProgressCallback)
+            progress = sys.modules.get("fastai.callback.progress")  # not loaded: the Learner has no bar
+            if progress is not None:
+                self.learn.remove_cbs(progress.ProgressCallback)

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import sys
 from collections import Counter
+from typing import Any
 
 import torch
 
@@ -34,7 +35,8 @@ class SyncCounter:
     def __init__(self, device_type: str):
         self.device_type = device_type
         self.counts: Counter = Counter()
-        self.source = "fastai"
+        self.site: Any = None  # a CallSite (heartbeat.py): a sync is the running callback's, else fastai's
+        self.override: str | None = None  # a source that wins over the call site (the DataLoader's next)
         self.counting = False
         self._originals: list[tuple[object, str, object]] = []
 
@@ -56,6 +58,12 @@ class SyncCounter:
                 return original(*args, **kwargs)
 
             torch.cuda.synchronize = synchronize
+
+    @property
+    def source(self) -> str:
+        if self.override is not None:
+            return self.override
+        return "fastai" if self.site is None else self.site.label()
 
     def uninstall(self) -> None:
         while self._originals:

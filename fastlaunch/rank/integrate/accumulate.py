@@ -15,7 +15,7 @@ def _world(learn) -> int:
     return model.process_group.size() if isinstance(model, DistributedDataParallel) else 1
 
 
-@patch("fastai.callback.training.GradientAccumulation.*")
+@patch("fastai.callback.training.GradientAccumulation.*", module="fastai.callback.training")
 def gradient_accumulation_counts_global_samples(ctx, p) -> None:
     """fastai's GradientAccumulation counts this rank's samples only: under N ranks a step came after
     N x n_acc samples, so the weights drifted from one process with the same global batch; and every

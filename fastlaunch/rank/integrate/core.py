@@ -7,7 +7,7 @@ import copy
 import functools
 
 from ..patching import patch
-from .dispatch import EventDispatch
+from .dispatch import observed_call_one
 
 __all__ = ["fastlaunch_callbacks", "CORE_PATCHES"]
 
@@ -26,7 +26,7 @@ def _ensure_callbacks(learn, classes) -> None:
             cb("after_create")
 
 
-@patch("fastai.learner.Learner.fit")
+@patch("fastai.learner.Learner.fit", module="fastai.learner")
 def fit_opens_a_fit_run(ctx, p) -> None:
     """validate/get_preds/predict also fire before_fit: Learner.fit opens a FitRun on the rank context
     (numbered, the same on every rank), so callbacks tell real fits apart; a resumed run skips the fits
@@ -63,7 +63,7 @@ def fit_opens_a_fit_run(ctx, p) -> None:
     p.set(Learner, "fit", fit)
 
 
-@patch("fastai.learner.Learner._do_fit")
+@patch("fastai.learner.Learner._do_fit", module="fastai.learner")
 def fit_can_start_mid_run(ctx, p) -> None:
     """fastai's fit loop always starts at epoch 0; a resumed fit starts at the checkpoint's epoch
     (its FitRun's start_epoch); every other fit runs fastai's own loop."""
@@ -87,18 +87,21 @@ def fit_can_start_mid_run(ctx, p) -> None:
 
 def _as_fastai_class(cb):
     """A copy of cb as the fastai class it extends, or None when it extends none worth keeping."""
-    from fastai.callback.fp16 import AMPMode
-    from ..callbacks.precision import DevicePrecision
+    import sys
 
-    if not isinstance(cb, DevicePrecision):
+    precision = sys.modules.get("fastlaunch.rank.callbacks.precision")  # not loaded: no DevicePrecision exists
+    if precision is None or not isinstance(cb, precision.DevicePrecision):
         return None
+    from fastai.callback.fp16 import AMPMode
+
+    DevicePrecision = precision.DevicePrecision
     stand_in = copy.copy(cb)
     stand_in.__class__ = DevicePrecision.__mro__[1]  # fastai's MixedPrecision
     stand_in.amp_mode = AMPMode(cb.amp_mode)
     return stand_in
 
 
-@patch("fastai.learner.Learner.export")
+@patch("fastai.learner.Learner.export", module="fastai.learner")
 def export_without_fastlaunch(ctx, p) -> None:
     """learn.export would pickle fastlaunch's callbacks: an exported model must load without fastlaunch."""
     from fastai.learner import Learner
@@ -122,7 +125,7 @@ def export_without_fastlaunch(ctx, p) -> None:
 
 
 @patch("fastai.learner.Learner.to_distributed", "fastai.learner.Learner.detach_distributed",
-       "fastai.learner.Learner.distrib_ctx")
+       "fastai.learner.Learner.distrib_ctx", module="fastai.distributed")
 def distributed_ctx_noop(ctx, p) -> None:
     """to_distributed/distrib_ctx in a script would wrap a second time (and DistributedTrainer reads
     model.device, breaking on CPU): fastlaunch already owns the job, so they do nothing."""
@@ -140,7 +143,7 @@ def distributed_ctx_noop(ctx, p) -> None:
     p.set(Learner, "distrib_ctx", distrib_ctx)
 
 
-@patch("fastai.*.DistributedDL")
+@patch("fastai.*.DistributedDL", module="fastai.distributed")
 def distributed_dl_is_sharded(ctx, p) -> None:
     """fastai's DistributedDL calls .cuda() and miscounts len(): a script naming it gets ShardedDL."""
     import fastai.distributed as fd
@@ -151,7 +154,7 @@ def distributed_dl_is_sharded(ctx, p) -> None:
     p.replace_everywhere("DistributedDL", fd.DistributedDL, bind(ShardedDL, ctx))
 
 
-@patch("fastai.*.maybe_gather")
+@patch("fastai.*.maybe_gather", module="fastai.learner")
 def maybe_gather_local(ctx, p) -> None:
     """maybe_gather all_gathers on every to_detach when WORLD_SIZE > 1 (a per-batch collective, and a
     deadlock when one rank alone calls get_preds): tensors stay local; fastlaunch gathers at its own points."""
@@ -162,7 +165,7 @@ def maybe_gather_local(ctx, p) -> None:
     p.replace_everywhere("maybe_gather", tc.maybe_gather, maybe_gather)
 
 
-@patch("fastai.*.distrib_barrier")
+@patch("fastai.*.distrib_barrier", module="fastai.learner")
 def barrier_starts_group(ctx, p) -> None:
     """distrib_barrier is skipped while no process group exists; fastlaunch starts one lazily, so
     rank0_first, load and load_learner would race: the barrier starts the group when needed."""
@@ -173,19 +176,16 @@ def barrier_starts_group(ctx, p) -> None:
     p.replace_everywhere("distrib_barrier", tc.distrib_barrier, distrib_barrier)
 
 
-@patch("fastai.learner.Learner._call_one")
+@patch("fastai.learner.Learner._call_one", module="fastai.learner")
 def callback_calls_observed(ctx, p) -> None:
-    """fastai's event dispatch, with observers around each callback call: the heartbeat (a hung rank is
+    """fastai's event dispatch, each callback call observed (dispatch.py): the heartbeat (a hung rank is
     named with the callback it is stuck in), sync attribution (a sync is the running callback's), and
     cancel routing (a CancelFit/Epoch/TrainException raised on one rank would unwind that rank alone and
     leave the others in the next all-reduce forever: during a distributed fit it becomes a stop request
     that every rank acts on at the same batch, see stopchannel.py)."""
     from fastai.learner import Learner
 
-    dispatch = EventDispatch(ctx)
-
-    def _call_one(self, event_name): dispatch.call_one(self, event_name)
-    p.set(Learner, "_call_one", _call_one)
+    p.set(Learner, "_call_one", observed_call_one(ctx))
 
 
 CORE_PATCHES = (fit_opens_a_fit_run, fit_can_start_mid_run, export_without_fastlaunch, distributed_ctx_noop,

@@ -16,7 +16,7 @@ from ..patching import patch
 __all__ = ["NOSYNC_PATCHES", "nonblocking_to_device"]
 
 
-@patch("fastai.learner.AvgSmoothLoss.accumulate")
+@patch("fastai.learner.AvgSmoothLoss.accumulate", module="fastai.learner")
 def smooth_loss_stays_on_device(ctx, p) -> None:
     """AvgSmoothLoss keeps its running average on the loss's device; it is read once per epoch."""
     from fastai.learner import AvgSmoothLoss
@@ -29,7 +29,7 @@ def smooth_loss_stays_on_device(ctx, p) -> None:
     p.set(AvgSmoothLoss, "accumulate", accumulate)
 
 
-@patch("fastai.callback.progress.ProgressCallback.after_batch")
+@patch("fastai.callback.progress.ProgressCallback.after_batch", module="fastai.callback.progress")
 def progress_comment_without_sync(ctx, p) -> None:
     """The progress bar shows the smoothed loss copied to the host without blocking, one step late."""
     from fastai.callback.progress import ProgressCallback
@@ -74,7 +74,7 @@ def nonblocking_to_device(original):
     return to_device
 
 
-@patch("fastai.data.load.to_device")
+@patch("fastai.data.load.to_device", module="fastai.learner")
 def batch_copies_without_sync(ctx, p) -> None:
     """The DataLoader's copy of each batch to the GPU does not wait for the GPU."""
     import fastai.data.load as load

@@ -16,7 +16,7 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-@patch("fastai.callback.schedule.LRFinder.before_fit", "fastai.callback.schedule.LRFinder.after_fit")
+@patch("fastai.callback.schedule.LRFinder.before_fit", "fastai.callback.schedule.LRFinder.after_fit", module="fastai.callback.schedule")
 def lr_find_in_memory(ctx, p) -> None:
     """lr_find saves to a per-rank temp folder that only rank 0 writes, so only rank 0 reaches the
     barrier in load and rank 1 never restores its weights (a deadlock): snapshot and restore model and
@@ -41,7 +41,7 @@ def lr_find_in_memory(ctx, p) -> None:
     p.set(LRFinder, "after_fit", after_fit)
 
 
-@patch("fastai.callback.progress.CSVLogger.before_fit", "fastai.callback.progress.CSVLogger.after_fit")
+@patch("fastai.callback.progress.CSVLogger.before_fit", "fastai.callback.progress.CSVLogger.after_fit", module="fastai.callback.progress")
 def csv_logger_rank_zero(ctx, p) -> None:
     """CSVLogger opens its file with 'w' on every rank: the others truncate rank 0's history."""
     from fastai.callback.progress import CSVLogger
@@ -57,7 +57,7 @@ def csv_logger_rank_zero(ctx, p) -> None:
         p.set(CSVLogger, name, on_rank_zero)
 
 
-@patch("fastai.callback.progress.ShowGraphCallback.before_fit")
+@patch("fastai.callback.progress.ShowGraphCallback.before_fit", module="fastai.callback.progress")
 def show_graph_rank_zero(ctx, p) -> None:
     """ShowGraphCallback asserts the Learner has a progress bar, which only rank 0 keeps (as with fastai's
     own to_distributed): the other ranks failed with 'IndexError: tuple index out of range' (fastai's
@@ -76,7 +76,7 @@ def show_graph_rank_zero(ctx, p) -> None:
     p.set(ShowGraphCallback, "before_fit", before_fit)
 
 
-@patch("fastai.callback.tracker.SaveModelCallback.after_fit")
+@patch("fastai.callback.tracker.SaveModelCallback.after_fit", module="fastai.callback.tracker")
 def save_model_reload_from_rank_zero(ctx, p) -> None:
     """SaveModelCallback reloads the best model from a file only rank 0 wrote: on several machines
     without a shared filesystem the others cannot read it. Rank 0 loads it and sends the weights."""
@@ -101,7 +101,7 @@ def save_model_reload_from_rank_zero(ctx, p) -> None:
     p.set(SaveModelCallback, "after_fit", after_fit)
 
 
-@patch("fastai.*.MixedPrecision", "fastai.learner.Learner.to_fp16", "fastai.learner.Learner.to_bf16")
+@patch("fastai.*.MixedPrecision", "fastai.learner.Learner.to_fp16", "fastai.learner.Learner.to_bf16", module="fastai.callback.fp16")
 def precision_for_device(ctx, p) -> None:
     """MixedPrecision hard-codes autocast('cuda') and turns itself off on CPU: every MixedPrecision a
     script creates is the device-aware subclass, and to_fp16/to_bf16 replace (never add) a precision."""
@@ -133,7 +133,7 @@ def _first_on_node(ctx, original, depth: threading.local):
     return wrapper
 
 
-@patch("fastdownload.core.FastDownload.*", "fastai.*.fastai_cfg")
+@patch("fastdownload.core.FastDownload.*", "fastai.*.fastai_cfg", module="fastai.data.external")
 def downloads_local_rank_zero_first(ctx, p) -> None:
     """FastDownload (behind untar_data) and fastai's config.ini creation race when every rank downloads
     and extracts into the same folder: each node's local rank 0 goes first, the others then find it done."""
@@ -146,7 +146,7 @@ def downloads_local_rank_zero_first(ctx, p) -> None:
     p.replace_everywhere("fastai_cfg", external.fastai_cfg, _first_on_node(ctx, external.fastai_cfg, depth))
 
 
-@patch("fastai.*._tokenize_files", "fastai.*.tokenize_csv")
+@patch("fastai.*._tokenize_files", "fastai.*.tokenize_csv", module="fastai.text.core")
 def tokenizer_cache_local_rank_zero_first(ctx, p) -> None:
     """fastai writes its tokenizer cache (<path>_tok, <name>_tok.csv) from every rank at once: each node's
     local rank 0 tokenizes first; the others then find the cache and skip it."""
