@@ -31,7 +31,7 @@ dls = TabularDataLoaders.from_df(df, cat_names=["g"], cont_names=["a", "b"], y_n
 learn = tabular_learner(dls, layers=[16], metrics=accuracy)
 learn.fit_one_cycle(2, 1e-2)
 '''
-PLOT = "learn.recorder.plot_loss()\n"
+PLOT = "learn.recorder.plot_loss()\nshown = display('step 0', display_id=True)\nshown.update('step 9')\n"
 TABLE = "pd.DataFrame({'epoch': [0, 1], 'accuracy': [float(v[-1]) for v in learn.recorder.values]})\n"
 SAVE = '''\
 if int(os.environ.get("RANK", 0)) == 0:
@@ -68,6 +68,9 @@ def test_a_notebook_runs_on_two_ranks_and_rank_zeros_outputs_are_written_once(tm
     texts = [_text(o) for c in code for o in c["outputs"] if o["output_type"] == "stream"]
     assert sum("accuracy" in t for t in texts) == 1  # fastai's results table, once
     assert any("image/png" in o.get("data", {}) for o in code[2]["outputs"])  # plot_loss's figure
+    shown = ["".join(o["data"]["text/plain"]) for o in code[2]["outputs"] if "text/plain" in o.get("data", {})]
+    assert "'step 9'" in shown and "'step 0'" not in shown  # an updated display keeps its final state
+    assert all("id" in c for c in executed["cells"])  # nbformat 4.5 cells get their ids
     result = [o for o in code[3]["outputs"] if o["output_type"] == "execute_result"]
     assert len(result) == 1 and "text/html" in result[0]["data"] and result[0]["execution_count"] == 4
     assert "cells done" in "".join(_text(o) for o in code[4]["outputs"])

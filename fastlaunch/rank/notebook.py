@@ -1,17 +1,23 @@
 """A notebook run as a job: every rank runs the code cells in order in one IPython shell (magics, display and
 matplotlib's inline figures as in Jupyter); rank 0 records each cell's outputs as it runs and writes
 RUN_DIR/<name>.executed.ipynb after every cell, so a failing cell's error is there too. A cell that raises
-stops the rank as a script's exception would: the launcher names the culprit with its traceback."""
+stops the rank as a script's exception would: the launcher names the culprit with its traceback.
+
+A job has no live notebook to draw HTML into: fastai's progress bars are its console bars, so the console and
+the executed copy show the results table as text (as a script's run does)."""
 from __future__ import annotations
 
 import base64
 import sys
 import time
 import types
+import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
 from ..notebooks import executed_path, session_lines_removed
+from .patching import AfterImport, loaded
 
 __all__ = ["run_notebook"]
 
@@ -50,10 +56,28 @@ class _Recorder:
     def __init__(self, keep: bool):
         self.keep = keep
         self.outputs: list[dict] = []
+        self._shown: dict[str, int] = {}  # display_id -> its place in this cell's outputs
 
-    def display(self, data: dict, metadata: dict | None) -> None:
-        if self.keep:
-            self.outputs.append({"output_type": "display_data", "data": _jsonable(data), "metadata": metadata or {}})
+    def display(self, data: dict, metadata: dict | None, display_id: str | None = None, update: bool = False) -> None:
+        """A display; an update of one shown earlier in this cell replaces it, as in Jupyter (a progress bar
+        leaves its final state, not one output per redraw)."""
+        if not self.keep:
+            return
+        output = {"output_type": "display_data", "data": _jsonable(data), "metadata": metadata or {}}
+        if update:
+            if display_id in self._shown:
+                self.outputs[self._shown[display_id]] = output
+            return
+        if display_id:
+            self._shown[display_id] = len(self.outputs)
+        self.outputs.append(output)
+
+    def clear(self) -> None:
+        self.outputs.clear()  # in place: the cell's streams write into this list
+        self._shown = {}
+
+    def start_cell(self) -> None:
+        self.outputs, self._shown = [], {}
 
     def result(self, data: dict, metadata: dict | None) -> None:
         if self.keep:  # its execution_count is the cell's, set when the cell ends
@@ -77,8 +101,11 @@ def _shell(recorder: _Recorder):
     shell = JobShell.instance()
 
     class Publisher(DisplayPublisher):
-        def publish(self, data, metadata=None, *args, **kwargs):
-            recorder.display(data, metadata)
+        def publish(self, data, metadata=None, source=None, *, transient=None, update=False, **kwargs):
+            recorder.display(data, metadata, (transient or {}).get("display_id"), update)
+
+        def clear_output(self, wait=False):
+            recorder.clear()
 
     shell.display_pub = Publisher(shell=shell)
 
@@ -100,11 +127,34 @@ def _shell(recorder: _Recorder):
     return shell
 
 
+def _console_progress_bars(name: str = "fastprogress.fastprogress") -> None:
+    """fastprogress picks HTML bars inside an IPython shell: a job's are its console bars."""
+    if not loaded(name):
+        sys.meta_path.insert(0, AfterImport(_console_progress_bars, {name}))
+        return
+    fp = sys.modules[name]
+    fp.master_bar, fp.progress_bar = fp.ConsoleMasterBar, fp.ConsoleProgressBar  # type: ignore[attr-defined]
+
+
+def _read(path: str):
+    """The notebook, with an id for every cell (nbformat 4.5 wants them; Jupyter adds them on save)."""
+    import nbformat
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a missing cell id: filled in below
+        notebook = nbformat.read(path, as_version=4)
+    if (notebook.nbformat, notebook.nbformat_minor) >= (4, 5):
+        for cell in notebook.cells:
+            cell.setdefault("id", uuid.uuid4().hex[:8])
+    return notebook
+
+
 def run_notebook(path: str, args: list[str], run_dir: Path | None, rank_zero: bool) -> None:
     """Run the notebook's code cells in order; raise the exception of a cell that fails."""
     import nbformat
 
-    notebook = nbformat.read(path, as_version=4)
+    notebook = _read(path)
+    _console_progress_bars()
     sys.argv = [path, *args]
     recorder = _Recorder(keep=rank_zero and run_dir is not None)
     shell = _shell(recorder)
@@ -113,7 +163,7 @@ def run_notebook(path: str, args: list[str], run_dir: Path | None, rank_zero: bo
     for cell in notebook.cells:
         if cell.cell_type != "code":
             continue
-        recorder.outputs = []
+        recorder.start_cell()
         streams = sys.stdout, sys.stderr
         if recorder.keep:
             sys.stdout, sys.stderr = (_Tee(streams[0], "stdout", recorder.outputs),

@@ -15,6 +15,7 @@ import sys
 import torch
 from fastai.basics import Callback, Datasets, Learner, RandomSplitter, accuracy, load_learner
 from fastai.callback.schedule import *  # noqa: F401,F403  (fit_one_cycle)
+from fastai.distributed import *  # noqa: F401,F403  (Learner.distrib_ctx, imported as fastai's docs do)
 from torch import nn
 
 N_ITEMS, BS = 1280, 64

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from fastai.basics import Callback, DataLoader, DataLoaders, Learner, accuracy
+from fastai.callback.progress import ProgressCallback  # noqa: F401  (the bar and results table fastai.*.all bring)
 from torch import nn
 
 MODE = os.environ.get("FL_MODE", "plain")
