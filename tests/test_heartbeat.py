@@ -61,3 +61,30 @@ def test_a_rank_that_never_joins_the_group_is_named():
     culprit, why = find_hung(beats, now=30.0, timeout=10, group_seen_at=12.0)
     assert culprit.rank == 1 and "never reached the process group" in why
     assert find_hung(beats, now=20.0, timeout=10, group_seen_at=12.0) is None
+
+
+def test_the_callback_running_now_is_published_without_a_beat_and_collectives_only_set_flags(tmp_path):
+    import time
+
+    from fastlaunch.heartbeat import IN_COLLECTIVE, CallSite
+
+    path = tmp_path / ".progress"
+    create(path, 1)
+    hb = Heartbeat(path, local_rank=0, rank=0)
+    hb.beat("before_batch", 1, 4)
+    site = CallSite()
+    hb.follow(site, interval=0.01)
+
+    class Fault:
+        pass
+
+    site.cb, site.event = Fault(), "after_batch"  # what the dispatch stores at each callback call
+    deadline = time.time() + 30
+    while read_beats(path)[0].event != "Fault.after_batch" and time.time() < deadline:
+        time.sleep(0.01)
+    beat = read_beats(path)[0]
+    assert beat.where() == "Fault.after_batch" and beat.counter == 1  # named, and no progress claimed
+    with hb.in_collective():
+        inside = read_beats(path)[0]
+    assert inside.flags & IN_COLLECTIVE and inside.counter == 1
+    assert not read_beats(path)[0].flags & IN_COLLECTIVE

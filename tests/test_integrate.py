@@ -172,8 +172,14 @@ def test_fastlaunch_callbacks_skip_the_events_they_do_not_handle_and_run_the_res
     from fastlaunch.rank.callbacks.base import LeanCallback
 
     assert all(issubclass(cls, LeanCallback) for cls in CALLBACKS)
-    assert Instrument._handles >= {"before_batch", "after_batch", "after_train", "after_fit"}
+    assert Instrument._handles >= {"before_fit", "after_train", "after_fit"}
     assert "after_pred" not in Instrument._handles
+    assert "after_batch" not in Instrument._handles  # per-batch events only while a fit is measured
+    inst = Instrument()
+    inst.listen("after_batch", "before_batch")
+    assert inst._handles >= {"after_batch", "before_batch"} and "after_batch" not in Instrument._handles
+    inst.listen("after_batch", on=False)
+    assert "after_batch" not in inst._handles and "before_batch" in inst._handles
 
     class Probe(LeanCallback):
         def after_batch(self):
@@ -272,3 +278,35 @@ def test_patches_wait_for_their_module_and_nothing_is_loaded_that_the_script_did
     assert out["maybe_gather replaced in later modules"] == "fastlaunch.rank.integrate.core"
     # put back everywhere, in the modules loaded after the patch too
     assert out["after uninstall"] == [False, False, "DistributedDL", ["fastai.torch_core"]]
+
+
+def test_callbacks_idle_at_an_event_are_not_called_and_the_rest_are(ctx, monkeypatch):
+    from fastcore.basics import GetAttr
+
+    looked_up: list[str] = []
+    original = GetAttr.__getattr__
+
+    def spy(self, name):
+        looked_up.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(GetAttr, "__getattr__", spy)
+
+    class OnlyAfterBatch(Callback):
+        def __init__(self): self.calls = 0
+        def after_batch(self): self.calls += 1
+
+    instance_hook = Callback()
+    hits: list[int] = []
+    instance_hook.after_loss = lambda: hits.append(1)  # an event given to one instance still runs
+    only = OnlyAfterBatch()
+    learn = _learner(only, instance_hook)
+    learn.fit(1)
+    n_batches = len(learn.dls.train) + len(learn.dls.valid)
+    assert only.calls == n_batches and len(hits) == n_batches
+    from fastai.callback.core import event
+
+    assert not [name for name in looked_up if hasattr(event, name)]  # no event name looked up through the Learner
+    OnlyAfterBatch.before_epoch = lambda self: setattr(self, "calls", -100)  # given a method between fits
+    learn.fit(1)
+    assert only.calls == -100 + n_batches

@@ -18,10 +18,18 @@ class AgreedStop(LeanCallback):
     """Acts on agreed flags after each backward, and once per epoch after the trackers have spoken."""
 
     order = 200  # after EarlyStopping, SaveModelCallback and every other tracker
+    quiet = frozenset({"after_backward"})  # listened to during a distributed fit only
+    _channel = None
+
+    def before_fit(self):
+        # the fit's channel (DistributedFit, earlier, opened it); validate() inside a fit finds the same one,
+        # and a closed channel is inactive: nothing to undo at after_fit
+        self._channel = self.ctx.stop_of(self.learn)
+        self.listen("after_backward", on=self._channel is not None)
 
     def after_backward(self):
-        channel = self.ctx.stop_of(self.learn)
-        if channel is not None:
+        channel = self._channel
+        if channel is not None and channel.active:
             flags = channel.take_received()
             if flags is not None:
                 channel.agree(flags)

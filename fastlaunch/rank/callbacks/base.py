@@ -21,11 +21,17 @@ class LeanCallback(Callback):
     (context.py), set on the class fastai instantiates by context.bind at install."""
 
     _handles: frozenset = frozenset()
+    quiet: frozenset = frozenset()  # events the class handles only while it listens (listen())
     ctx: Any = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls._handles = frozenset(e for e in _EVENTS if callable(getattr(cls, e, None)))
+        cls._handles = frozenset(e for e in _EVENTS if callable(getattr(cls, e, None))) - cls.quiet
+
+    def listen(self, *events: str, on: bool = True) -> None:
+        """Handle these events from now on (on=False: ignore them again), on this callback alone: a
+        per-batch event costs nothing in the fits and phases where the callback has nothing to do."""
+        self._handles = (self._handles | set(events)) if on else (self._handles - set(events))
 
     def __call__(self, event_name):
         if event_name in self._handles:

@@ -55,11 +55,13 @@ class Instrument(LeanCallback):
 
     order = 220  # after the checkpoints of the epoch
     _on = False  # measuring this fit (set in before_fit)
+    quiet = frozenset({"before_batch", "before_backward", "after_backward", "after_batch"})  # measured fits only
 
     def before_fit(self):
         ctx = self.ctx
         denv = ctx.env
         self._on = denv.instrument and ctx.fit_of(self.learn) is not None and denv.run_dir is not None
+        self.listen(*self.quiet, on=self._on)
         if not self._on:
             return
         if ctx.syncs is None:

@@ -39,9 +39,12 @@ class WholeSetMetrics(LeanCallback):
 
     order = Recorder.order - 1  # before Recorder reads the metrics in after_validate
 
+    quiet = frozenset({"after_batch"})  # listened to during a distributed fit's validation only
+
     def before_validate(self):
         dl = self.learn.dl
         self._on = self.ctx.stop_of(self.learn) is not None and isinstance(dl, ShardedDL)
+        self.listen("after_batch", on=self._on)
         if self._on:
             self._chunks, self._kept, self._limit, self._n_pred = [], 0, dl.real_count(), 1
             self._batch_sharded = dl.batch_sharded
@@ -60,6 +63,7 @@ class WholeSetMetrics(LeanCallback):
         self._kept += keep
 
     def after_validate(self):
+        self.listen("after_batch", on=False)
         if not getattr(self, "_on", False):
             return
         channel = self.ctx.stop_of(self.learn)
