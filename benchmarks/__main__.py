@@ -4,35 +4,17 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
 
 from .harness import fault_to_exit, left_after_sigkill, peer_commands, run_once
+from .stats import _median, _ratio, _values, failures
+from .tiny import run_tiny, tiny_failures, tiny_lines
 
 FL, FL_OFF, TR_FASTAI, FLOOR = ("fastlaunch", "fastlaunch, no instrumentation", "torchrun + hand-wrapped fastai",
                                 "torchrun + PyTorch DDP loop (floor)")
-
-
-def _ratio(a: list[float], b: list[float]) -> str:
-    """Median of the per-round ratios a/b, with their min-max spread (rounds ran side by side)."""
-    pairs = [x / y for x, y in zip(a, b) if x and y]  # a round where either failed is left out
-    if not pairs:
-        return "n/a"
-    med = statistics.median(pairs)
-    return f"{med:.2f}x (spread {min(pairs):.2f}-{max(pairs):.2f}, {len(pairs)} rounds)"
-
-
-def _values(runs: dict, name: str, key: str) -> list[float | None]:
-    """One value per round, None where the run failed (rounds stay aligned across peers)."""
-    return [r.get(key) if r.get("ok") else None for r in runs[name]]
-
-
-def _median(values: list[float | None]) -> float:
-    got = [v for v in values if v is not None]
-    return statistics.median(got) if got else float("nan")
 
 
 def _machine() -> list[str]:
@@ -46,7 +28,7 @@ def _machine() -> list[str]:
             f"fastlaunch {version('fastlaunch')}"]
 
 
-def _hook_cost(result: dict, fl_speed: list[float], ranks: int) -> str:
+def _hook_cost(result: dict, fl_speed: list[float | None], ranks: int) -> str:
     """The instrumentation's deterministic cost: hooked events per step x ns per event / step time."""
     hooks = result.get("hooks") if result.get("ok") else None
     if not isinstance(hooks, dict) or not [v for v in fl_speed if v]:
@@ -60,6 +42,30 @@ def _hook_cost(result: dict, fl_speed: list[float], ranks: int) -> str:
             f"{hooks['beats_per_step'] * hooks['ns_per_beat'] / step_ns:.2%} of the step")
 
 
+def _probe_lines(counts: dict, probed: dict) -> list[str]:
+    """Section 4's independent count: what torch's dispatcher saw in each steady step (dispatch_probe.py)."""
+    got = {f"{FL}, no instrumentation": counts[FL], TR_FASTAI: counts[TR_FASTAI], FL: probed[FL]}
+    c = {name: r.get("counts", {}) if r.get("ok") else {} for name, r in got.items()}
+    lines = ["Counted again at torch's dispatcher by a probe that shares nothing with fastlaunch (a TorchDispatchMode "
+             "over each steady step: scalar reads that wait for the device, GPU-to-host copies, every c10d "
+             "collective, DDP's gradient all-reduce included; scalar reads of host tensors, which wait for no device, "
+             "are listed as host reads and not counted as syncs):", ""]
+    for name, figures in c.items():
+        detail = ", ".join(f"{k}: {v:g}" for k, v in sorted(figures.get("probe_detail", {}).items())) or "none"
+        lines.append(f"- probe, {name}: {figures['probe_syncs_per_step']:g} syncs, "
+                     f"{figures['probe_collectives_per_step']:g} collectives, "
+                     f"{figures.get('probe_host_reads_per_step', 0):g} host reads per step over {figures['probe_steps']} "
+                     f"steps ({detail})" if "probe_steps" in figures else
+                     f"- probe, {name}: not measured ({got[name].get('error') or 'no probe figures'})")
+    hand = c[TR_FASTAI].get("probe_detail", {}).get("c10d::allreduce_")
+    for name in (FL, f"{FL}, no instrumentation"):
+        if "probe_steps" in c[name] and hand is not None:
+            lines.append(f"- probe, {name} beyond hand-wrapped DDP's gradient all-reduces ({hand:g} per step): "
+                         f"{c[name]['probe_collectives_per_step'] - hand:g} collectives, "
+                         f"{c[name]['probe_syncs_per_step']:g} syncs per step (goal 0 and 0)")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="rounds of A B A B ... (at least 5 for a result)")
@@ -69,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ranks, device = (args.gpus, "gpus") if args.gpus else (2, "cpu")
     items, rounds = (512, 1) if args.quick else (2048, args.runs)
+    tiny_steps = 60 if args.quick else 1500
     started = time.time()
 
     two, one = peer_commands(ranks, device), peer_commands(1, device)
@@ -82,9 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     # Counted without fastlaunch's instrumentation, which would share the counters.
     counts = {FL: run_once(two[FL_OFF][0], {**two[FL_OFF][1], "BENCH_COUNT": "1"}, items),
               TR_FASTAI: run_once(two[TR_FASTAI][0], {**two[TR_FASTAI][1], "BENCH_COUNT": "1"}, items)}
+    probed = {FL: run_once(two[FL][0], {**two[FL][1], "BENCH_PROBE": "1"}, items)}  # instrumentation on
     hooks = run_once(two[FL][0], {**two[FL][1], "BENCH_HOOKS": "1"}, items)
     faults = {name: [fault_to_exit(*two[name], max(items, 2048)) for _ in range(rounds)] for name in (FL, TR_FASTAI)}
     orphans = {name: left_after_sigkill(*two[name], items) for name in (FL, TR_FASTAI)}
+    tiny = run_tiny(ranks, device, rounds, tiny_steps)
 
     lines = ["# Benchmarks", "", f"Written by `python -m benchmarks{' --quick' if args.quick else ''}"
              f"{f' --runs {args.runs}' if not args.quick else ''}{f' --gpus {args.gpus}' if args.gpus else ''}` in "
@@ -120,20 +129,33 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"- {name}: {c.get('collectives_per_step', 'n/a')} Python-level collectives, "
                      f"{c.get('syncs_per_step', 'n/a')} sync calls per step ({detail})"
                      if c else f"- {name}: not measured ({result.get('error')})")
-    lines += ["  (DDP's own gradient all-reduce is not a Python-level call and is not counted.)", "",
+    lines += ["  (DDP's own gradient all-reduce is not a Python-level call and is not counted.)", ""]
+    lines += _probe_lines(counts, probed)
+    lines += ["",
               "## 5. Peak memory per rank (RSS, MB)", "",
               f"- fastlaunch / floor: {_ratio(rss[FL], rss[FLOOR])} (medians "
               f"{_median(rss[FL]):.0f} and "
-              f"{_median(rss[FLOOR]):.0f})", "",
+              f"{_median(rss[FLOOR]):.0f})",
+              f"- fastlaunch / torchrun + hand-wrapped fastai: {_ratio(rss[FL], rss[TR_FASTAI])} (medians "
+              f"{_median(rss[FL]):.0f} and {_median(rss[TR_FASTAI]):.0f})", "",
               "## 6. Faults", ""]
-    ok = faults
+    ok = {name: _values(faults, name, "seconds") for name in faults}
+    left = {name: r["left"] if r.get("ok") else "n/a (failed)" for name, r in orphans.items()}
     lines += [f"- crash of rank 1 to exit: fastlaunch / torchrun: {_ratio(ok[FL], ok[TR_FASTAI])} (medians "
               f"{_median(ok[FL]):.1f} s and "
               f"{_median(ok[TR_FASTAI]):.1f} s)",
-              f"- processes left 5 s after SIGKILL of the launcher: fastlaunch {orphans[FL]}, "
-              f"torchrun {orphans[TR_FASTAI]}", ""]
-    failed = [f"- {name} ({how}): {r.get('error')}" for how, group in ((f"{ranks} ranks", runs), ("1 rank", scale))
-              for name, rs in group.items() for r in rs if not r.get("ok")]
+              f"- processes left 5 s after SIGKILL of the launcher: fastlaunch {left[FL]}, "
+              f"torchrun {left[TR_FASTAI]}", ""]
+    lines += tiny_lines(tiny)
+    # Every failed run of every section, none dropped.
+    failed = [line for how, group in ((f"{ranks} ranks", runs), ("1 rank", scale)) for name, rs in group.items()
+              for line in failures(f"{name} ({how})", rs)]
+    failed += [line for name, r in counts.items() for line in failures(f"{name} (counting syncs)", [r])]
+    failed += failures(f"{FL} (timing hooks)", [hooks])
+    failed += failures(f"{FL} (dispatch probe)", [probed[FL]])
+    failed += [line for name, rs in faults.items() for line in failures(f"{name} (crash of rank 1)", rs)]
+    failed += [line for name, r in orphans.items() for line in failures(f"{name} (SIGKILL of the launcher)", [r])]
+    failed += tiny_failures(tiny)
     if failed:
         lines += ["## Runs that failed", ""] + failed + [""]
     Path(args.out).write_text("\n".join(lines))

@@ -1,10 +1,9 @@
 """The fastai script every peer runs: a small CNN on 32x32 images, batch 64 per rank, one epoch.
 Under fastlaunch it runs unchanged; under torchrun, $BENCH_WRAP=1 adds the minimal hand-written wrapper
-a user writes without fastlaunch (init, DDP, DistributedSampler)."""
+a user writes without fastlaunch (init, DDP, the same fastai DataLoaders in DistributedDL: handwrap.py)."""
 import os
 import sys
 
-import torch
 from fastai.basics import Callback, DataLoader, DataLoaders, Learner
 from torch import nn
 
@@ -25,29 +24,28 @@ class Clock(Callback):
 
 data, valid = images(), images(256, seed=1)
 model = small_cnn()
-if os.environ.get("BENCH_WRAP") == "1":  # what a user writes for torchrun
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-    from torch.utils.data.distributed import DistributedSampler
-
-    dist.init_process_group("gloo")
-    train_dl = torch.utils.data.DataLoader(data, batch_size=BS, sampler=DistributedSampler(data), drop_last=True)
-    valid_dl = torch.utils.data.DataLoader(valid, batch_size=BS)
-    dls = DataLoaders(train_dl, valid_dl)
-    model = DistributedDataParallel(model)
-else:
-    dls = DataLoaders(DataLoader(data, bs=BS, shuffle=True, drop_last=True), DataLoader(valid, bs=BS))
+dls = DataLoaders(DataLoader(data, bs=BS, shuffle=True, drop_last=True), DataLoader(valid, bs=BS))
 learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(), cbs=Clock())
-counting = os.environ.get("BENCH_COUNT") == "1"
+if os.environ.get("BENCH_WRAP") == "1":  # what a user writes for torchrun
+    from handwrap import hand_wrap
+
+    hand_wrap(learn)
+counting = os.environ.get("BENCH_COUNT") == "1"  # Python-level counts, and the dispatcher's
+probing = counting or os.environ.get("BENCH_PROBE") == "1"  # the dispatcher's alone (shares nothing with fastlaunch)
 if counting:
     from counting import Counts
 
     counts = Counts(learn)
+if probing:
+    from dispatch_probe import DispatchProbe
+
+    probe = DispatchProbe(learn)
 hooking = os.environ.get("BENCH_HOOKS") == "1"  # under fastlaunch only: what its instrumentation costs
 if hooking:
     from hooks import HookCost
 
     hooks = HookCost(learn)
 learn.fit(1, 1e-3)
-extra = counts.per_step() if counting else hooks.measure() if hooking else None
+extra = ({**(counts.per_step() if counting else {}), **(probe.per_step() if probing else {})} if probing
+         else hooks.measure() if hooking else None)
 clock.write(os.environ.get("BENCH_TAG", "fastai"), extra)

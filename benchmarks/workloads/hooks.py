@@ -81,16 +81,28 @@ class HookCost(Callback):
         items = list(range(1000))
         ns_next = max(0.0, (_best_ns(lambda: sum(1 for _ in TimedLoader(items, [])), number=200)
                             - _best_ns(lambda: sum(1 for _ in items), number=200)) / len(items))
-        counter = inst._counter
-        ns_source = _best_ns(lambda: setattr(counter, "source", "x"))
         dispatched = (len(learn.cbs) - 2) * len(step_events)  # callback calls per step, less these two
+        site = getattr(inst.ctx, "site", None)
+        if site is not None:  # the dispatch stores the running callback per call, the event and a reset per event
+            label, stores, ns_store = ("call-site stores", dispatched + 2 * len(step_events),
+                                       _best_ns(lambda: setattr(site, "cb", None)))
+        else:  # the dispatch names the sync source before and after each callback call
+            counter = inst._counter
+            label, stores, ns_store = ("sync-source names set", 2 * dispatched,
+                                       _best_ns(lambda: setattr(counter, "source", "x")))
         per_step = {"instrument events": len(step_events), "tensor wrapper calls": self.tensor_calls / steps,
-                    "loader next calls": 1, "sync-source names set": 2 * dispatched}
+                    "loader next calls": 1, label: stores}
         ns_each = {"instrument events": ns_events / max(len(step_events), 1), "tensor wrapper calls": ns_wrapper,
-                   "loader next calls": ns_next, "sync-source names set": ns_source}
+                   "loader next calls": ns_next, label: ns_store}
         total = sum(per_step[k] * ns_each[k] for k in per_step)
-        # Not instrumentation, on with or without it: the heartbeat the hang watch reads, one per callback call.
+        # Not instrumentation, on with or without it: the heartbeat the hang watch reads.
+        try:  # one per batch (at its start) and one per event between batches
+            from fastlaunch.rank.integrate.dispatch import IN_BATCH
+
+            beats = sum(event not in IN_BATCH for event in step_events)
+        except ImportError:  # one per callback call
+            beats = dispatched
         beat = inst.ctx.beats.beat
         ns_beat = _best_ns(lambda: beat("Recorder.after_batch", 0, 1))
-        return {"hooks": {"per_step": per_step, "ns_each": ns_each, "ns_per_step": total, "beats_per_step": dispatched,
+        return {"hooks": {"per_step": per_step, "ns_each": ns_each, "ns_per_step": total, "beats_per_step": beats,
                           "ns_per_beat": ns_beat, "when": time.time()}}
