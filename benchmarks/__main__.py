@@ -49,7 +49,8 @@ def _probe_lines(counts: dict, probed: dict) -> list[str]:
     lines = ["Counted again at torch's dispatcher by a probe that shares nothing with fastlaunch (a TorchDispatchMode "
              "over each steady step: scalar reads that wait for the device, GPU-to-host copies, every c10d "
              "collective, DDP's gradient all-reduce included; scalar reads of host tensors, which wait for no device, "
-             "are listed as host reads and not counted as syncs):", ""]
+             "are listed as host reads and not counted as syncs; fastlaunch's are DDP's reducer under "
+             "static_graph reading a host-side counter per parameter inside backward):", ""]
     for name, figures in c.items():
         detail = ", ".join(f"{k}: {v:g}" for k, v in sorted(figures.get("probe_detail", {}).items())) or "none"
         lines.append(f"- probe, {name}: {figures['probe_syncs_per_step']:g} syncs, "
