@@ -9,7 +9,7 @@ rank calls the same collective with the same layout: its payload followed by thi
 a request only ever travels (`request` -> `piggyback` -> the collective -> `unpack` -> `agree`).
 The points, all owned by this module's API:
   - each training step: the flags ride after the gradients in DDP's last bucket (`flag_bucket_hook`),
-    read after backward (on GPUs one step later, without a host wait);
+    read after backward (on GPUs READ_LAG steps later, without waiting for the step before);
   - end of training: the recorder's epoch reduction (`piggyback`/`unpack`);
   - end of validation: the whole-set metrics gather (`outgoing_list`/`combine`);
   - end of each epoch, after the trackers: one small all-reduce of the flags alone (`exchange`).
