@@ -13,6 +13,9 @@ class UsageError(Exception):
         self.what, self.got, self.hint = what, got, hint
         super().__init__(format_usage_error(what, got, hint))
 
+    def __str__(self) -> str:  # the one line, even where fastai's callback dispatch rewrote args
+        return format_usage_error(self.what, self.got, self.hint)
+
 
 def format_usage_error(what: str, got: object, hint: str) -> str:
     """Render the one-line form `fastlaunch: error: <what> (got <value>). HINT: <fix>`."""

@@ -34,6 +34,7 @@ class FitRun:
 
     index: int  # the fit's number in this process: the same on every rank, and again when a run resumes
     depth: int = 1  # Learner.fit called inside a fit (a callback that fits) shares the outer run
+    open_events: int = 0  # before_fit events not yet closed by after_fit: above 1, a validate() inside the fit
     start_epoch: int = 0  # a resumed fit starts here
     stop: Any = None  # the StopChannel of a distributed fit, once the model is wrapped
 

@@ -140,6 +140,7 @@ class ShardedDL(TfmdDL):
         world_size = ctx.env.world_size if world_size is None else world_size
         if isinstance(dl, torch.utils.data.DataLoader):
             dl = _from_torch(dl)
+        self.original = dl  # one process's loader: what evaluation inside a fit and new() start from
         # evaluation (not of a language model, sharded by streams) deals out one process's whole batches
         self.batch_sharded = evaluation and not _is_lm(dl)
         if _is_lm(dl):
@@ -205,4 +206,4 @@ class ShardedDL(TfmdDL):
     def create_batches(self, samps): return self.dl.create_batches(samps)
     def decode(self, b): return self.dl.decode(b)
     def decode_batch(self, b, max_n: int = 9, full: bool = True): return self.dl.decode_batch(b, max_n, full)
-    def new(self, *args, **kwargs): return self.dl.new(*args, **kwargs)
+    def new(self, *args, **kwargs): return self.original.new(*args, **kwargs)

@@ -15,6 +15,15 @@ The points, all owned by this module's API:
   - end of each epoch, after the trackers: one small all-reduce of the flags alone (`exchange`).
 A preemption is acted on only between batches or at an epoch's end; elsewhere it stays pending, on
 every rank alike, until the epoch's end.
+
+One batch cancelled on one rank (CancelBatch/Backward/StepException raised by a callback before the step's
+gradient all-reduce, e.g. on a loss that is not finite) is a SkipBatch request: that rank still joins the
+step's all-reduce, contributing zeros (its gradients reach no rank), and on CPU ranks every rank then skips
+that same step, as one process skips the batch (fastai's after_cancel_batch and after_batch on every rank).
+On GPU ranks, whose flags are read READ_LAG steps late, the step goes on with the other ranks' gradients.
+A batch cancel raised after the all-reduce on some ranks only (a step one rank skipped alone: its weights
+now differ) is a SkippedAlone flag: at the next collective the job ends, that rank naming itself, the
+callback, the event and the line.
 """
 from __future__ import annotations
 
@@ -24,11 +33,14 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from fastai.callback.core import CancelEpochException, CancelFitException, CancelTrainException
+from fastai.callback.core import (CancelBackwardException, CancelBatchException, CancelEpochException,
+                                  CancelFitException, CancelStepException, CancelTrainException)
 
 from ..config import STOPPED_BY_SIGNAL
+from ..errors import UsageError
 
-__all__ = ["StopChannel", "Preempted", "Interrupted", "ROUTED", "KINDS", "READ_LAG", "flag_bucket_hook"]
+__all__ = ["StopChannel", "Preempted", "Interrupted", "SkipBatch", "SkippedAlone", "ROUTED", "BATCH_CANCELS",
+           "KINDS", "READ_LAG", "flag_bucket_hook"]
 
 
 class Preempted(Exception):
@@ -41,10 +53,21 @@ class Interrupted(Exception):
     KeyboardInterrupt on every rank, as Ctrl-C does in one process."""
 
 
+class SkipBatch(Exception):
+    """A batch cancelled on some rank before the gradient all-reduce: every rank skips this step."""
+
+
+class SkippedAlone(Exception):
+    """A rank skipped an optimizer step after the all-reduce, on its own (checked at the next collective)."""
+
+
 # The cancels fastai's callbacks raise, routed through the channel.
 ROUTED = (CancelFitException, CancelEpochException, CancelTrainException)
+# The cancels of one batch's step (agreed as SkipBatch before the all-reduce, checked as SkippedAlone after).
+BATCH_CANCELS = (CancelBatchException, CancelBackwardException, CancelStepException)
 # Every kind of stop, most severe first: a request for a bigger stop wins when several are pending.
-KINDS = (Preempted, Interrupted, *ROUTED)
+KINDS = (Preempted, Interrupted, *ROUTED, SkipBatch, SkippedAlone)
+_SKIP, _ALONE = KINDS.index(SkipBatch), KINDS.index(SkippedAlone)
 READ_LAG = 2  # GPU ranks read a backward's flags this many steps later
 
 
@@ -65,6 +88,21 @@ class StopChannel:
         self.deferred = getattr(device, "type", str(device)) == "cuda" if deferred is None else deferred
         self._new_event = new_event or (lambda: torch.cuda.Event())
         self._in_flight: collections.deque = collections.deque()  # [host copy, its event, kinds to ignore]
+        self._alone: str | None = None  # what this rank skipped on its own, told if the others did not
+
+    @property
+    def skipping(self) -> bool:
+        """This rank cancelled the step now running: it contributes zeros to the gradient all-reduce."""
+        return bool(self.pending[_SKIP])
+
+    def skipped_alone(self, cb: Any, event_name: str, exc: BaseException) -> None:
+        """This rank skips a step after its all-reduce (fastai unwinds it): fine if every rank does, the end
+        of the job if not. Keeps the callback, event and line for the message."""
+        tb, where = exc.__traceback__, ""
+        while tb is not None:
+            where, tb = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}", tb.tb_next
+        self._alone = f"{type(exc).__name__} raised by {type(cb).__name__}.{event_name} ({where})"
+        self.pending[_ALONE] = 1
 
     # -- asking ---------------------------------------------------------------------------------------------
     def request(self, exc_type: type) -> None:
@@ -143,11 +181,26 @@ class StopChannel:
 
         Only the requests that left with the collective are consumed: one asked after the flags left (a signal
         arriving during the backward pass) stays pending and travels with the next collective."""
+        alone_sent = self._sent[_ALONE]
         self.pending = [1 if asked and not sent else 0 for asked, sent in zip(self.pending, self._sent)]
         self._sent = [0] * len(KINDS)
-        for flag, cls in zip(summed, KINDS):
-            if flag <= 0:
+        world = getattr(self.comm, "world_size", 1)
+        if alone_sent and self._alone is not None:
+            what, self._alone = self._alone, None
+            if summed[_ALONE] < world:  # some ranks stepped, this one did not: the weights differ now
+                raise UsageError(f"{what} skipped this rank's optimizer step while {world - int(summed[_ALONE])} "
+                                 f"of {world} ranks took it: the ranks' weights differ", "a step skipped by one rank",
+                                 "cancel a batch before backward (in after_loss), where every rank skips it together, "
+                                 "or decide from values every rank shares (the all-reduced gradients)")
+        for index, (flag, cls) in enumerate(zip(summed, KINDS)):
+            if flag <= 0 or cls is SkippedAlone:
                 continue
+            if cls is SkipBatch:
+                if self.deferred or SkipBatch not in allowed:
+                    continue  # read late on a GPU: the step went on without this batch's gradients
+                skip = CancelBatchException()
+                skip.agreed = True
+                raise skip
             if cls is Preempted and Preempted not in allowed:
                 self.pending[0] = 1  # every rank saw the same sum: every rank keeps it for the epoch's end
                 continue
@@ -161,7 +214,7 @@ class StopChannel:
                     self.on_preempt(position)
                 raise SystemExit(STOPPED_BY_SIGNAL)
             for entry in self._in_flight:  # flags sent before this stop carry its request again: acted on now
-                entry[2].add(KINDS.index(cls))
+                entry[2].add(index)
             exc = cls()
             exc.agreed = True  # raised by agreement: not intercepted again
             raise exc
@@ -185,6 +238,8 @@ def flag_bucket_hook(channel: StopChannel, bucket) -> torch.futures.Future:
     world = dist.get_world_size()
     buffer = bucket.buffer()
     last = bucket.is_last()
+    if channel.skipping:  # a batch cancelled on this rank: its gradients reach no rank
+        buffer.zero_()
     packed = channel.piggyback(buffer.div(world)) if last else buffer.div_(world)
 
     def unpack(tensor: torch.Tensor) -> torch.Tensor:

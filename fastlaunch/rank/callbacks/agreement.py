@@ -6,7 +6,7 @@ each backward (the flags that rode on the gradients) and once per epoch after th
 """
 from __future__ import annotations
 
-from fastai.callback.core import CancelFitException
+from fastai.callback.core import CancelBatchException, CancelFitException
 
 from ..stopchannel import Preempted
 from .base import LeanCallback
@@ -32,7 +32,11 @@ class AgreedStop(LeanCallback):
         if channel is not None and channel.active:
             flags = channel.take_received()
             if flags is not None:
-                channel.agree(flags)
+                try:
+                    channel.agree(flags)
+                except CancelBatchException:  # a batch cancelled on some rank: no rank keeps its gradients
+                    self.learn.opt.zero_grad()
+                    raise
 
     def after_epoch(self):
         channel = self.ctx.stop_of(self.learn)

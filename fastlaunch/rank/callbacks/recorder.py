@@ -27,6 +27,7 @@ class RecorderSync(LeanCallback):
     def sync(self, channel, with_metrics: bool) -> list[float]:
         """One all_reduce: this epoch's smoothed losses, the running average, metric sums, stop flags."""
         rec = self.learn.recorder
+        self._synced = min(self._synced, len(rec.losses))  # a validate() inside the fit restarts the recorder
         tail = rec.losses[self._synced:]
         mets = [m for m in rec._train_mets[1:] if hasattr(m, "total") and hasattr(m, "count")] \
             if with_metrics else []

@@ -12,6 +12,7 @@ from ...errors import UsageError
 from ..patching import Installation, patch
 from .accumulate import ACCUMULATE_PATCHES
 from .core import CORE_PATCHES, fastlaunch_callbacks
+from .in_fit import IN_FIT_PATCHES
 from .nosync import NOSYNC_PATCHES
 from .side_effects import SIDE_EFFECT_PATCHES
 
@@ -70,7 +71,7 @@ def ddp_loaded_before_the_first_fit(ctx, p) -> None:
         import torch._dynamo  # noqa: F401
 
 
-PATCHES = ((supported_fastai,) + CORE_PATCHES + SIDE_EFFECT_PATCHES + NOSYNC_PATCHES + ACCUMULATE_PATCHES
+PATCHES = ((supported_fastai,) + CORE_PATCHES + IN_FIT_PATCHES + SIDE_EFFECT_PATCHES + NOSYNC_PATCHES + ACCUMULATE_PATCHES
            + (callbacks_and_cores, ddp_loaded_before_the_first_fit))
 
 

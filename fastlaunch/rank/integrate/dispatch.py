@@ -6,9 +6,18 @@ fastai calls every callback, in order, at each event; this does the same, and
   - beats the heartbeat once per batch (at its start) and at every event between batches;
   - routes the cancels a callback raises during a distributed fit to the stop channel instead of unwinding
     this rank alone.
-A callback whose call can only do nothing (fastai's Callback at an event its class does not define, a
-LeanCallback at an event it ignores) is not called at all. Nothing else runs per callback call: on a 1 ms
-step this loop is the hot path.
+A callback whose call can only do nothing (fastai's Callback at an event neither its class, its instance
+nor the Learner it delegates to defines; a LeanCallback at an event it ignores) is not called; at
+`after_fit` it still gets what fastai's `Callback.__call__` does there for every callback: `run` set back
+to True (a callback that switched itself off during lr_find runs again in the next fit). Every other rule of
+fastai's dispatch (`run`, `run_train`, `run_valid`, the exception rewrite, the cancels) is fastai's own
+`Callback.__call__`, which runs every call that is made. tests/test_dispatch.py runs fastai's dispatch and
+this one side by side over every callback class fastai ships.
+
+Fit and epoch events fired inside a real fit (`validate()` from a callback enters the Learner again:
+before_fit, before_epoch, after_epoch, after_fit) reach fastai's callbacks as in one process, but not
+fastlaunch's own, whose fit-level state (the DDP wrap, the sharded loaders, checkpoints) belongs to the
+outer fit. Nothing else runs per callback call: on a 1 ms step this loop is the hot path.
 """
 from __future__ import annotations
 
@@ -22,6 +31,12 @@ _PASSTHROUGH = frozenset({"after_fit", "after_cancel_fit", "after_cancel_epoch",
 IN_BATCH = frozenset({"after_pred", "after_loss", "before_backward", "after_backward", "before_step", "after_step",
                       "after_cancel_batch", "after_batch"})
 
+
+# Events that begin or end a fit or an epoch: inside a real fit they are nested (validate() from a callback).
+FIT_LEVEL = frozenset({"before_fit", "before_epoch", "after_epoch", "after_fit"})
+# Cancels of one batch, and the events before the step's gradient all-reduce where one rank's cancel can
+# still be agreed with the others (the flag rides with this step's gradients).
+BEFORE_REDUCE = frozenset({"before_batch", "after_pred", "after_loss", "before_backward"})
 
 _NEVER, _PLAIN, _LEAN = object(), object(), object()
 
@@ -43,24 +58,55 @@ def _idle_kind(cls: type, event_name: str, plain_call: Any, lean_call: Any) -> o
     return _NEVER
 
 
+def delegated_events(learn: Any) -> frozenset:
+    """Event names the Learner (or its model) answers: fastai's Callback looks a missing event method up
+    there (GetAttr) and calls what it finds, so no callback is skipped at those events."""
+    from fastai.callback.core import event
+
+    found = set()
+    for name in vars(event):
+        if name.startswith("_"):
+            continue
+        try:
+            getattr(learn, name)
+        except AttributeError:
+            continue
+        found.add(name)
+    return frozenset(found)
+
+
 def observed_call_one(ctx: Any) -> Callable[[Any, str], None]:
     """Learner._call_one for this rank context: every callback in order, its call site kept, cancels
     routed to the stop channel."""
+    import weakref
+
     from fastai.callback.core import Callback, event
 
     from ..callbacks.base import LeanCallback
-    from ..stopchannel import ROUTED
+    from ..stopchannel import BATCH_CANCELS, ROUTED, SkipBatch
 
     site, beat = ctx.site, ctx.beats.beat
     idle: dict[tuple[type, str], object] = {}  # (class, event) -> _NEVER, _PLAIN or _LEAN, decided once
+    answers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # learn -> delegated_events(learn)
 
     def _call_one(learn, event_name: str) -> None:
         if not hasattr(event, event_name):
             raise Exception(f"missing {event_name}")
+        nested = False
         if event_name not in IN_BATCH:
             beat(event_name, getattr(learn, "epoch", 0), getattr(learn, "iter", 0))
             if event_name == "before_fit":
                 idle.clear()  # decided anew each fit: a class given an event method since is called again
+                answers[learn] = delegated_events(learn)
+            if event_name in FIT_LEVEL:
+                run = ctx.fit_of(learn)
+                if run is not None:
+                    run.open_events += event_name == "before_fit"
+                    nested = run.open_events > 1
+                    run.open_events -= event_name == "after_fit"
+        delegated = answers.get(learn)
+        if delegated is None:
+            delegated = answers[learn] = delegated_events(learn)
         site.event = event_name
         try:
             for cb in learn.cbs.sorted("order"):
@@ -68,7 +114,10 @@ def observed_call_one(ctx: Any) -> Callable[[Any, str], None]:
                 kind = idle.get(key)
                 if kind is None:
                     kind = idle[key] = _idle_kind(key[0], event_name, Callback.__call__, LeanCallback.__call__)
-                if kind is _PLAIN and event_name not in cb.__dict__ or kind is _LEAN and event_name not in cb._handles:
+                if (kind is _PLAIN and event_name not in cb.__dict__ and event_name not in delegated
+                        or kind is _LEAN and (event_name not in cb._handles or nested)):
+                    if event_name == "after_fit":
+                        cb.run = True  # what fastai's Callback.__call__ does at every after_fit, called or not
                     continue  # a call that can only do nothing
                 site.cb = cb
                 try:
@@ -78,6 +127,15 @@ def observed_call_one(ctx: Any) -> Callable[[Any, str], None]:
                     if channel is None or getattr(exc, "agreed", False):
                         raise
                     channel.request(type(exc))  # the other callbacks of this event still run, as on every rank
+                except BATCH_CANCELS as exc:
+                    channel = None if getattr(exc, "agreed", False) or not learn.training else ctx.stop_of(learn)
+                    if channel is None:
+                        raise
+                    if event_name in BEFORE_REDUCE:  # every rank skips this step: agreed after its all-reduce
+                        channel.request(SkipBatch)
+                        continue
+                    channel.skipped_alone(cb, event_name, exc)  # this rank alone skips: checked at the next step
+                    raise
         finally:
             site.cb = None
 

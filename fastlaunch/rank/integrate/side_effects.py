@@ -8,6 +8,7 @@ import functools
 import threading
 
 from ..patching import patch
+from .in_fit import lr_find_epochs
 
 __all__ = ["SIDE_EFFECT_PATCHES"]
 
@@ -20,11 +21,14 @@ def _unwrap(model):
 def lr_find_in_memory(ctx, p) -> None:
     """lr_find saves to a per-rank temp folder that only rank 0 writes, so only rank 0 reaches the
     barrier in load and rank 1 never restores its weights (a deadlock): snapshot and restore model and
-    optimizer in memory on every rank."""
+    optimizer in memory on every rank. In a distributed fit its epochs are counted again from the rank's
+    loader (in_fit.py): the sweep takes its num_it steps, as in one process."""
     from fastai.callback.schedule import LRFinder, ParamScheduler
 
     def before_fit(self):
         ParamScheduler.before_fit(self)
+        if ctx.stop_of(self.learn) is not None:  # fastai counted the epochs from one process's loader length
+            self.learn.n_epoch = max(self.learn.n_epoch, lr_find_epochs(self.learn, self.num_it))
         model = _unwrap(self.learn.model)
         self._snapshot = ({k: v.detach().clone() for k, v in model.state_dict().items()},
                           copy.deepcopy(self.learn.opt.state_dict()))
