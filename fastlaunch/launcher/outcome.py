@@ -80,7 +80,8 @@ def summarize_failure(err, logs_specs: RankLogsSpecs, console_rank: int, stopped
     failure = failures[rank]
     log = logs_specs.log_path(rank)
     say(f"fastlaunch: rank {rank} failed (exit code {_exit_code(failure)}): {_message(failure)}")
-    if rank != console_rank:  # rank 0's own output already reached the console
+    # rank 0's own output already reached the console; a user's mistake (UsageError) is its one line
+    if rank != console_rank and not _message(failure).startswith("UsageError:"):
         stack = _callstack(failure)
         if stack:
             say(f"fastlaunch: rank {rank}'s traceback:")
