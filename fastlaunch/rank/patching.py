@@ -91,16 +91,18 @@ class Patch:
     replaces: tuple[str, ...]
     apply: Callable[[Any, Patcher], None]
     module: str | None = None
+    assumes: tuple[str, ...] = ()  # fastai functions whose code it relies on, fingerprinted (assumed.py)
 
     def covers(self, label: str) -> bool:
         return any(fnmatch.fnmatchcase(label, pattern) for pattern in self.replaces)
 
 
-def patch(*replaces: str, module: str | None = None) -> Callable[[Callable[[Any, Patcher], None]], Patch]:
+def patch(*replaces: str, module: str | None = None,
+          assumes: tuple[str, ...] = ()) -> Callable[[Callable[[Any, Patcher], None]], Patch]:
     """Decorator: a function apply(ctx, patcher) becomes a Patch replacing the given labels, applied once
-    `module` is loaded."""
+    `module` is loaded, after checking the code of the functions it `assumes`."""
     def wrap(fn: Callable[[Any, Patcher], None]) -> Patch:
-        return Patch(fn.__name__, tuple(replaces), fn, module)
+        return Patch(fn.__name__, tuple(replaces), fn, module, tuple(assumes))
     return wrap
 
 
@@ -158,6 +160,10 @@ class Installation:
                 self._apply(item)
 
     def _apply(self, item: Patch) -> None:
+        if item.assumes:
+            from .assumed import check_assumed
+
+            check_assumed(item.name, item.assumes)
         self.patcher.current = item.name
         try:
             item.apply(self._ctx, self.patcher)

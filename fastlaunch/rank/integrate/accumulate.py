@@ -15,7 +15,10 @@ def _world(learn) -> int:
     return model.process_group.size() if isinstance(model, DistributedDataParallel) else 1
 
 
-@patch("fastai.callback.training.GradientAccumulation.*", module="fastai.callback.training")
+@patch("fastai.callback.training.GradientAccumulation.*", module="fastai.callback.training",
+       assumes=("fastai.callback.training.GradientAccumulation.before_fit",
+                "fastai.callback.training.GradientAccumulation.after_loss",
+                "fastai.callback.training.GradientAccumulation.before_step"))
 def gradient_accumulation_counts_global_samples(ctx, p) -> None:
     """fastai's GradientAccumulation counts this rank's samples only: under N ranks a step came after
     N x n_acc samples, so the weights drifted from one process with the same global batch; and every

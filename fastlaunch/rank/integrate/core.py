@@ -26,7 +26,7 @@ def _ensure_callbacks(learn, classes) -> None:
             cb("after_create")
 
 
-@patch("fastai.learner.Learner.fit", module="fastai.learner")
+@patch("fastai.learner.Learner.fit", module="fastai.learner", assumes=("fastai.learner.Learner.fit",))
 def fit_opens_a_fit_run(ctx, p) -> None:
     """validate/get_preds/predict also fire before_fit: Learner.fit opens a FitRun on the rank context
     (numbered, the same on every rank), so callbacks tell real fits apart; a resumed run skips the fits
@@ -63,7 +63,7 @@ def fit_opens_a_fit_run(ctx, p) -> None:
     p.set(Learner, "fit", fit)
 
 
-@patch("fastai.learner.Learner._do_fit", module="fastai.learner")
+@patch("fastai.learner.Learner._do_fit", module="fastai.learner", assumes=("fastai.learner.Learner._do_fit",))
 def fit_can_start_mid_run(ctx, p) -> None:
     """fastai's fit loop always starts at epoch 0; a resumed fit starts at the checkpoint's epoch
     (its FitRun's start_epoch); every other fit runs fastai's own loop."""
@@ -101,7 +101,7 @@ def _as_fastai_class(cb):
     return stand_in
 
 
-@patch("fastai.learner.Learner.export", module="fastai.learner")
+@patch("fastai.learner.Learner.export", module="fastai.learner", assumes=("fastai.learner.Learner.export",))
 def export_without_fastlaunch(ctx, p) -> None:
     """learn.export would pickle fastlaunch's callbacks: an exported model must load without fastlaunch."""
     from fastai.learner import Learner
@@ -154,7 +154,7 @@ def distributed_dl_is_sharded(ctx, p) -> None:
     p.replace_everywhere("DistributedDL", fd.DistributedDL, bind(ShardedDL, ctx))
 
 
-@patch("fastai.*.maybe_gather", module="fastai.learner")
+@patch("fastai.*.maybe_gather", module="fastai.learner", assumes=("fastai.torch_core.maybe_gather",))
 def maybe_gather_local(ctx, p) -> None:
     """maybe_gather all_gathers on every to_detach when WORLD_SIZE > 1 (a per-batch collective, and a
     deadlock when one rank alone calls get_preds): tensors stay local; fastlaunch gathers at its own points."""
@@ -165,7 +165,7 @@ def maybe_gather_local(ctx, p) -> None:
     p.replace_everywhere("maybe_gather", tc.maybe_gather, maybe_gather)
 
 
-@patch("fastai.*.distrib_barrier", module="fastai.learner")
+@patch("fastai.*.distrib_barrier", module="fastai.learner", assumes=("fastai.torch_core.distrib_barrier",))
 def barrier_starts_group(ctx, p) -> None:
     """distrib_barrier is skipped while no process group exists; fastlaunch starts one lazily, so
     rank0_first, load and load_learner would race: the barrier starts the group when needed."""
@@ -176,7 +176,10 @@ def barrier_starts_group(ctx, p) -> None:
     p.replace_everywhere("distrib_barrier", tc.distrib_barrier, distrib_barrier)
 
 
-@patch("fastai.learner.Learner._call_one", module="fastai.learner")
+@patch("fastai.learner.Learner._call_one", module="fastai.learner",
+       assumes=("fastai.learner.Learner._call_one", "fastai.callback.core.Callback.__call__",
+                "fastai.learner.Learner._with_events", "fastai.learner.Learner._do_one_batch",
+                "fastai.learner.Learner._do_grad_opt"))
 def callback_calls_observed(ctx, p) -> None:
     """fastai's event dispatch, each callback call observed (dispatch.py): the heartbeat (a hung rank is
     named with the callback it is stuck in), sync attribution (a sync is the running callback's), and

@@ -25,7 +25,8 @@ def whole_loader(dl):
     return dl.original if isinstance(dl, ShardedDL) else dl
 
 
-@patch("fastai.learner.Learner.get_preds", "fastai.learner.Learner.validate", module="fastai.learner")
+@patch("fastai.learner.Learner.get_preds", "fastai.learner.Learner.validate", module="fastai.learner",
+       assumes=("fastai.learner.Learner.get_preds", "fastai.learner.Learner.validate"))
 def evaluation_in_a_fit_sees_the_whole_set(ctx, p) -> None:
     """get_preds and validate given a rank's shard (a callback's `self.dls.valid` during a fit) evaluate
     one process's loader instead: every rank computes the whole set's answer with the same weights."""

@@ -16,7 +16,8 @@ from ..patching import patch
 __all__ = ["NOSYNC_PATCHES", "nonblocking_to_device"]
 
 
-@patch("fastai.learner.AvgSmoothLoss.accumulate", module="fastai.learner")
+@patch("fastai.learner.AvgSmoothLoss.accumulate", module="fastai.learner",
+       assumes=("fastai.learner.AvgSmoothLoss.accumulate",))
 def smooth_loss_stays_on_device(ctx, p) -> None:
     """AvgSmoothLoss keeps its running average on the loss's device; it is read once per epoch."""
     from fastai.learner import AvgSmoothLoss
@@ -29,7 +30,8 @@ def smooth_loss_stays_on_device(ctx, p) -> None:
     p.set(AvgSmoothLoss, "accumulate", accumulate)
 
 
-@patch("fastai.callback.progress.ProgressCallback.after_batch", module="fastai.callback.progress")
+@patch("fastai.callback.progress.ProgressCallback.after_batch", module="fastai.callback.progress",
+       assumes=("fastai.callback.progress.ProgressCallback.after_batch",))
 def progress_comment_without_sync(ctx, p) -> None:
     """The progress bar shows the smoothed loss copied to the host without blocking, one step late."""
     from fastai.callback.progress import ProgressCallback

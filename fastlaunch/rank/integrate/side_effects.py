@@ -17,7 +17,10 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-@patch("fastai.callback.schedule.LRFinder.before_fit", "fastai.callback.schedule.LRFinder.after_fit", module="fastai.callback.schedule")
+@patch("fastai.callback.schedule.LRFinder.before_fit", "fastai.callback.schedule.LRFinder.after_fit",
+       module="fastai.callback.schedule",
+       assumes=("fastai.callback.schedule.LRFinder.before_fit", "fastai.callback.schedule.LRFinder.after_fit",
+                "fastai.learner.Learner.lr_find"))
 def lr_find_in_memory(ctx, p) -> None:
     """lr_find saves to a per-rank temp folder that only rank 0 writes, so only rank 0 reaches the
     barrier in load and rank 1 never restores its weights (a deadlock): snapshot and restore model and
@@ -45,7 +48,9 @@ def lr_find_in_memory(ctx, p) -> None:
     p.set(LRFinder, "after_fit", after_fit)
 
 
-@patch("fastai.callback.progress.CSVLogger.before_fit", "fastai.callback.progress.CSVLogger.after_fit", module="fastai.callback.progress")
+@patch("fastai.callback.progress.CSVLogger.before_fit", "fastai.callback.progress.CSVLogger.after_fit",
+       module="fastai.callback.progress",
+       assumes=("fastai.callback.progress.CSVLogger.before_fit", "fastai.callback.progress.CSVLogger.after_fit"))
 def csv_logger_rank_zero(ctx, p) -> None:
     """CSVLogger opens its file with 'w' on every rank: the others truncate rank 0's history."""
     from fastai.callback.progress import CSVLogger
@@ -61,7 +66,8 @@ def csv_logger_rank_zero(ctx, p) -> None:
         p.set(CSVLogger, name, on_rank_zero)
 
 
-@patch("fastai.callback.progress.ShowGraphCallback.before_fit", module="fastai.callback.progress")
+@patch("fastai.callback.progress.ShowGraphCallback.before_fit", module="fastai.callback.progress",
+       assumes=("fastai.callback.progress.ShowGraphCallback.before_fit",))
 def show_graph_rank_zero(ctx, p) -> None:
     """ShowGraphCallback asserts the Learner has a progress bar, which only rank 0 keeps (as with fastai's
     own to_distributed): the other ranks failed with 'IndexError: tuple index out of range' (fastai's
@@ -80,7 +86,8 @@ def show_graph_rank_zero(ctx, p) -> None:
     p.set(ShowGraphCallback, "before_fit", before_fit)
 
 
-@patch("fastai.callback.tracker.SaveModelCallback.after_fit", module="fastai.callback.tracker")
+@patch("fastai.callback.tracker.SaveModelCallback.after_fit", module="fastai.callback.tracker",
+       assumes=("fastai.callback.tracker.SaveModelCallback.after_fit",))
 def save_model_reload_from_rank_zero(ctx, p) -> None:
     """SaveModelCallback reloads the best model from a file only rank 0 wrote: on several machines
     without a shared filesystem the others cannot read it. Rank 0 loads it and sends the weights."""
@@ -105,7 +112,8 @@ def save_model_reload_from_rank_zero(ctx, p) -> None:
     p.set(SaveModelCallback, "after_fit", after_fit)
 
 
-@patch("fastai.*.MixedPrecision", "fastai.learner.Learner.to_fp16", "fastai.learner.Learner.to_bf16", module="fastai.callback.fp16")
+@patch("fastai.*.MixedPrecision", "fastai.learner.Learner.to_fp16", "fastai.learner.Learner.to_bf16", module="fastai.callback.fp16",
+       assumes=("fastai.callback.fp16.MixedPrecision.before_fit", "fastai.callback.fp16.MixedPrecision.after_fit"))
 def precision_for_device(ctx, p) -> None:
     """MixedPrecision hard-codes autocast('cuda') and turns itself off on CPU: every MixedPrecision a
     script creates is the device-aware subclass, and to_fp16/to_bf16 replace (never add) a precision."""
