@@ -13,19 +13,19 @@ def test_most_severe_request_wins_and_is_marked_agreed():
     state = StopChannel(torch.device("cpu"))
     state.request(CancelTrainException)
     state.request(CancelFitException)
-    assert state.outgoing().tolist() == [0.0, 0.0, 1.0, 0.0, 1.0]  # preempt, interrupt, fit, epoch, train
+    assert state.outgoing().tolist() == [0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0]  # preempt, interrupt, fit, epoch, train, skip, alone
     with pytest.raises(CancelFitException) as exc:
-        state.agree([0.0, 0.0, 1.0, 0.0, 2.0])
-    assert exc.value.agreed and state.pending == [0, 0, 0, 0, 0]
+        state.agree([0.0, 0.0, 1.0, 0.0, 2.0, 0.0, 0.0])
+    assert exc.value.agreed and state.pending == [0, 0, 0, 0, 0, 0, 0]
 
 
 def test_stops_not_allowed_at_a_point_are_dropped():
     state = StopChannel(torch.device("cpu"))
     state.request(CancelTrainException)
     state.outgoing()  # the flags leave with a collective
-    state.agree([0.0, 0.0, 0.0, 0.0, 1.0], allowed=(CancelFitException, CancelEpochException))  # training is over
-    assert state.pending == [0, 0, 0, 0, 0]
-    state.agree([0.0, 0.0, 0.0, 0.0, 0.0])  # nothing asked: nothing raised
+    state.agree([0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0], allowed=(CancelFitException, CancelEpochException))  # training is over
+    assert state.pending == [0, 0, 0, 0, 0, 0, 0]
+    state.agree([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # nothing asked: nothing raised
 
 
 def test_a_preemption_waits_for_a_batch_boundary_or_the_epoch_end_then_checkpoints_and_leaves():
@@ -33,8 +33,8 @@ def test_a_preemption_waits_for_a_batch_boundary_or_the_epoch_end_then_checkpoin
     written = []
     state.on_preempt = written.append
     state.request(Preempted)
-    state.agree([1.0, 0.0, 0.0, 0.0, 0.0], allowed=(CancelFitException, CancelEpochException))  # end of training
-    assert state.pending == [1, 0, 0, 0, 0] and written == []  # kept, on every rank, for the epoch's end
+    state.agree([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], allowed=(CancelFitException, CancelEpochException))  # end of training
+    assert state.pending == [1, 0, 0, 0, 0, 0, 0] and written == []  # kept, on every rank, for the epoch's end
     with pytest.raises(SystemExit) as leaving:
         state.agree(state.outgoing().tolist(), allowed=(Preempted, CancelFitException), position="epoch_end")
     assert leaving.value.code == 75 and written == ["epoch_end"]
@@ -43,8 +43,8 @@ def test_a_preemption_waits_for_a_batch_boundary_or_the_epoch_end_then_checkpoin
 def test_flags_carried_by_backward_are_read_once():
     state = StopChannel(torch.device("cpu"))
     assert state.take_received() is None
-    state.receive(torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0]))
-    assert state.take_received() == [0.0, 0.0, 0.0, 1.0, 0.0]
+    state.receive(torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
+    assert state.take_received() == [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
     assert state.take_received() is None
 
 
@@ -92,7 +92,7 @@ def test_gpu_ranks_read_flags_two_steps_late_and_never_wait_for_the_step_before(
                 reads.append("cancelled")
     assert READ_LAG == 2 and reads[:2] == [None, None]
     # the request rode step 1 (and was consumed there): read and acted on at step 3, once
-    assert reads[2:] == [[0.0] * 5, [0.0, 0.0, 0.0, 1.0, 0.0], "cancelled", [0.0] * 5, [0.0] * 5]
+    assert reads[2:] == [[0.0] * 7, [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0], "cancelled", [0.0] * 7, [0.0] * 7]
     # at step s the host waited for step s-2's event only: the step before is never waited for
     assert _FakeEvent.waited == [0, 1, 2, 3]
 
@@ -101,12 +101,12 @@ def test_flags_in_flight_when_a_stop_is_acted_on_do_not_act_again():
     channel = _gpu_like_channel()
     channel.request(CancelEpochException)
     _backward(channel)
-    channel.pending = [0, 0, 0, 1, 0]  # another request of the same stop, sent with the next step too
+    channel.pending = [0, 0, 0, 1, 0, 0, 0]  # another request of the same stop, sent with the next step too
     _backward(channel)
     with pytest.raises(CancelEpochException):
         channel.agree(_backward(channel))
     later = [_backward(channel) for _ in range(3)]  # step 1's flags, still in flight, carried the same request
-    assert later == [[0.0] * 5] * 3
+    assert later == [[0.0] * 7] * 3
     for flags in later:
         channel.agree(flags)  # nothing raised
 
@@ -124,7 +124,7 @@ def test_a_request_made_after_the_flags_left_is_kept_for_the_next_collective():
     sent = state.outgoing().tolist()  # packed into the gradients during backward...
     state.request(Preempted)  # ...then a signal arrives before the flags are read
     state.agree(sent)
-    assert state.pending == [1, 0, 0, 0, 0]  # not lost: it travels with the next step's gradients
+    assert state.pending == [1, 0, 0, 0, 0, 0, 0]  # not lost: it travels with the next step's gradients
     with pytest.raises(SystemExit):
         state.agree(state.outgoing().tolist())
 
@@ -135,4 +135,60 @@ def test_an_interrupt_cancels_the_fit_on_every_rank_and_is_remembered():
     state.request(CancelTrainException)
     with pytest.raises(CancelFitException) as exc:  # fastai's own cancel: after_fit runs, the model is intact
         state.agree(state.outgoing().tolist(), allowed=(CancelFitException, CancelEpochException))
-    assert exc.value.agreed and state.interrupted and state.pending == [0, 0, 0, 0, 0]
+    assert exc.value.agreed and state.interrupted and state.pending == [0, 0, 0, 0, 0, 0, 0]
+
+
+def test_a_batch_cancelled_before_the_all_reduce_is_skipped_by_every_rank_on_cpu_and_passes_on_a_gpu():
+    from types import SimpleNamespace
+
+    from fastai.callback.core import CancelBatchException
+
+    from fastlaunch.rank.stopchannel import KINDS, SkipBatch
+
+    skip = [0.0] * len(KINDS)
+    skip[KINDS.index(SkipBatch)] = 1.0  # one of two ranks cancelled its batch
+    state = StopChannel(torch.device("cpu"), comm=SimpleNamespace(world_size=2))
+    state.request(SkipBatch)
+    assert state.skipping  # its gradients go out as zeros
+    state.outgoing()
+    with pytest.raises(CancelBatchException) as exc:
+        state.agree(skip)
+    assert exc.value.agreed and not state.skipping
+    other = StopChannel(torch.device("cpu"), comm=SimpleNamespace(world_size=2))  # the rank that did not cancel
+    with pytest.raises(CancelBatchException):
+        other.agree(skip)
+    late = StopChannel(torch.device("cpu"), comm=SimpleNamespace(world_size=2), deferred=True)  # read steps late
+    late.agree(skip)  # nothing raised: the step went on with the other ranks' gradients
+
+
+def test_a_step_skipped_by_one_rank_alone_is_an_error_naming_the_callback_and_fine_when_every_rank_skips():
+    from types import SimpleNamespace
+
+    from fastai.callback.core import CancelStepException
+
+    from fastlaunch.errors import UsageError
+    from fastlaunch.rank.stopchannel import KINDS, SkippedAlone
+
+    class ClipOrSkip:
+        pass
+
+    def raised():
+        try:
+            raise CancelStepException()
+        except CancelStepException as exc:
+            return exc
+
+    for skipped_by, error in ((1, True), (2, False)):
+        state = StopChannel(torch.device("cpu"), comm=SimpleNamespace(world_size=2))
+        state.skipped_alone(ClipOrSkip(), "before_step", raised())
+        state.outgoing()
+        summed = [0.0] * len(KINDS)
+        summed[KINDS.index(SkippedAlone)] = float(skipped_by)
+        if error:
+            with pytest.raises(UsageError) as exc:
+                state.agree(summed)
+            assert "CancelStepException raised by ClipOrSkip.before_step (" in str(exc.value)
+            assert "test_agreement.py:" in str(exc.value) and "HINT:" in str(exc.value)
+        else:
+            state.agree(summed)
+        assert state.pending == [0] * len(KINDS)

@@ -1,7 +1,8 @@
 """What users do inside a fit gives one process's answers on 2 (and for lr_find 4) ranks: lr_find's sweep and
 suggestions, a callback switching itself off during lr_find, get_preds and validate from a callback, a loss
 changed in after_loss, a tuple-output model with ReduceLROnPlateau, a batch skipped on one rank, and a step
-skipped by one rank alone (the job ends naming the rank, the callback and the line).
+skipped by one rank alone (the job ends naming the rank, the callback and the line), and a SentencePiece
+tokenizer trained while setting up (one writer per node, every rank reading its model).
 
 Each case is its smallest script (tests/scripts/in_fit_probe.py), run under fastlaunch and as one plain
 process; where a figure is one process's on the same weights, the case computes it by hand (`reference`).
@@ -19,7 +20,7 @@ import pytest
 from conftest import run_fastlaunch
 
 PROBE = Path(__file__).resolve().parent / "scripts" / "in_fit_probe.py"
-CASES = "lr_find,run_flag,preds_in_fit,changed_loss,tuple_output,skip_batch"
+CASES = "subword,lr_find,run_flag,preds_in_fit,changed_loss,tuple_output,skip_batch"
 
 
 class Runs:
@@ -146,3 +147,10 @@ def test_a_step_skipped_by_one_rank_alone_ends_the_job_naming_rank_callback_and_
     assert "in_fit_probe.py:" in line and "HINT:" in line
     assert "traceback" not in proc.stderr and "gloo" not in proc.stderr.split("consequence")[0].lower()
     assert not (tmp_path / "skip_step_alone-rank0.json").exists()
+
+
+def test_a_tokenizer_trained_while_setting_up_is_trained_once_per_node_and_read_by_every_rank(runs, two_ranks):
+    one = runs.one("subword")
+    r0, r1 = two_ranks("subword")
+    assert (r0["trained"], r1["trained"]) == (1, 0)  # local rank 0 trains; rank 1 loads the model it wrote
+    assert r0["pieces"] == r1["pieces"] == one["pieces"]

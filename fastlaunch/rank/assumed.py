@@ -46,6 +46,8 @@ FINGERPRINTS: dict[str, str] = {  # fastai 2.8.12 (the same code in 2.8.8 to 2.8
     "fastai.callback.training.GradientAccumulation.before_fit": "4591ba34825c169e",
     "fastai.callback.training.GradientAccumulation.after_loss": "271206a1c7522c95",
     "fastai.callback.training.GradientAccumulation.before_step": "849b7d8a69ef2c63",
+    "fastai.text.core.SentencePieceTokenizer.setup": "e3554d5afde35186",
+    "fastai.text.core.SentencePieceTokenizer.train": "448aa2bcf093ac4e",
 }
 
 

@@ -211,7 +211,24 @@ def skip_step_alone() -> None:
     write("skip_step_alone", {"finished": True})
 
 
-CASES = {f.__name__: f for f in (lr_find, run_flag, preds_in_fit, changed_loss, tuple_output, skip_batch,
+# -- a SentencePiece tokenizer trained while setting up (the fastai book's `subword(1000)`) ---------------------
+def subword() -> None:
+    import sentencepiece
+    from fastai.text.core import SentencePieceTokenizer
+
+    trained = []
+    train = sentencepiece.SentencePieceTrainer.Train
+    sentencepiece.SentencePieceTrainer.Train = lambda *a, **k: (trained.append(1), train(*a, **k))[1]
+    words = ["the", "movie", "was", "great", "terrible", "acting", "plot", "and", "but", "really", "not", "very"]
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(words[int(i)] for i in torch.randint(len(words), (12,), generator=g)) for _ in range(300)]
+    tok = SentencePieceTokenizer(vocab_sz=40, cache_dir="tmp")
+    tok.setup(texts)
+    pieces = next(iter(tok(["the movie was really great"])))
+    write("subword", {"trained": len(trained), "pieces": list(pieces)})
+
+
+CASES = {f.__name__: f for f in (subword, lr_find, run_flag, preds_in_fit, changed_loss, tuple_output, skip_batch,
                                  skip_step_alone)}
 
 if __name__ == "__main__":

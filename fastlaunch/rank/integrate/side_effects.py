@@ -170,5 +170,33 @@ def tokenizer_cache_local_rank_zero_first(ctx, p) -> None:
         p.replace_everywhere(name, original, _first_on_node(ctx, original, depth))
 
 
+@patch("fastai.text.core.SentencePieceTokenizer.setup", module="fastai.text.core",
+       assumes=("fastai.text.core.SentencePieceTokenizer.setup", "fastai.text.core.SentencePieceTokenizer.train"))
+def sentencepiece_trained_once_per_node(ctx, p) -> None:
+    """SentencePieceTokenizer.setup writes <cache_dir>/texts.out, trains spm.model from it and deletes it:
+    every rank at once (the fastai book's `subword(1000)`) failed with FileNotFoundError on texts.out. Each
+    node's local rank 0 trains; the node's other ranks then load the model it wrote."""
+    from fastai.text.core import SentencePieceTokenizer
+
+    original = SentencePieceTokenizer.setup
+
+    def load_trained(self, items, rules=None):
+        from sentencepiece import SentencePieceProcessor
+
+        model = self.cache_dir / "spm.model"
+        self.tok = SentencePieceProcessor()
+        self.tok.Load(str(model))
+        return {"sp_model": model}
+
+    @functools.wraps(original)
+    def setup(self, items, rules=None):
+        if self.tok is not None or ctx.env.local_world_size <= 1:
+            return original(self, items, rules)
+        return ctx.comm.local_rank_zero_first(original if ctx.env.local_rank == 0 else load_trained, self, items, rules)
+
+    p.set(SentencePieceTokenizer, "setup", setup)
+
+
 SIDE_EFFECT_PATCHES = (lr_find_in_memory, csv_logger_rank_zero, show_graph_rank_zero, save_model_reload_from_rank_zero,
-                       precision_for_device, downloads_local_rank_zero_first, tokenizer_cache_local_rank_zero_first)
+                       precision_for_device, downloads_local_rank_zero_first, tokenizer_cache_local_rank_zero_first,
+                       sentencepiece_trained_once_per_node)
