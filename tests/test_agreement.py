@@ -192,3 +192,20 @@ def test_a_step_skipped_by_one_rank_alone_is_an_error_naming_the_callback_and_fi
         else:
             state.agree(summed)
         assert state.pending == [0] * len(KINDS)
+
+
+def test_on_a_gpu_a_skip_every_rank_made_is_fine_when_its_flags_arrive_steps_late():
+    from types import SimpleNamespace
+
+    from fastai.callback.core import CancelStepException
+
+    from fastlaunch.rank.stopchannel import KINDS, SkippedAlone
+
+    state = StopChannel(torch.device("cpu"), comm=SimpleNamespace(world_size=2), deferred=True)
+    state.skipped_alone(object(), "before_step", CancelStepException())  # GradScaler's skip, on every rank
+    state.outgoing()
+    state.agree([0.0] * len(KINDS))  # the flags read now were sent before the skip: nothing to judge yet
+    both = [0.0] * len(KINDS)
+    both[KINDS.index(SkippedAlone)] = 2.0
+    state.agree(both)  # every rank skipped: no error
+    assert state._alone is None

@@ -20,7 +20,7 @@ import pytest
 from conftest import run_fastlaunch
 
 PROBE = Path(__file__).resolve().parent / "scripts" / "in_fit_probe.py"
-CASES = "subword,lr_find,run_flag,preds_in_fit,changed_loss,tuple_output,skip_batch"
+CASES = "subword,schedules,lr_find,run_flag,preds_in_fit,changed_loss,tuple_output,skip_batch"
 
 
 class Runs:
@@ -154,3 +154,15 @@ def test_a_tokenizer_trained_while_setting_up_is_trained_once_per_node_and_read_
     r0, r1 = two_ranks("subword")
     assert (r0["trained"], r1["trained"]) == (1, 0)  # local rank 0 trains; rank 1 loads the model it wrote
     assert r0["pieces"] == r1["pieces"] == one["pieces"]
+
+
+def test_schedules_sized_from_the_loaders_give_one_process_rates_at_the_same_fraction_of_training(runs, two_ranks):
+    one = runs.one("schedules")
+    r0, r1 = two_ranks("schedules")
+    assert r0["lrs"] == r1["lrs"]
+    step = len(one["lrs"]) // len(r0["lrs"])  # one process takes 2 steps for each step of 2 ranks
+    assert step == 2 and len(r0["lrs"]) * step == len(one["lrs"]) == 2 * one["per_epoch"]
+    assert all(abs(a - b) <= 1e-9 + 1e-6 * b for a, b in zip(r0["lrs"], one["lrs"][::step])), (r0["lrs"], one["lrs"])
+    # ShortEpochCallback: the same fraction of an epoch; its cancel, raised after a batch, is agreed with the
+    # next batch's gradients, so the requesting batch is recorded too (one step of 2 ranks: 2 of one process)
+    assert r0["short_steps"] * step - one["short_steps"] == step

@@ -181,11 +181,12 @@ class StopChannel:
 
         Only the requests that left with the collective are consumed: one asked after the flags left (a signal
         arriving during the backward pass) stays pending and travels with the next collective."""
-        alone_sent = self._sent[_ALONE]
         self.pending = [1 if asked and not sent else 0 for asked, sent in zip(self.pending, self._sent)]
         self._sent = [0] * len(KINDS)
         world = getattr(self.comm, "world_size", 1)
-        if alone_sent and self._alone is not None:
+        # A rank that skipped a step on its own waits for the flags that carry it (on a GPU, read steps late):
+        # every rank skipped (GradScaler's skip on the reduced gradients, GradientAccumulation): fine.
+        if self._alone is not None and summed[_ALONE] > 0:
             what, self._alone = self._alone, None
             if summed[_ALONE] < world:  # some ranks stepped, this one did not: the weights differ now
                 raise UsageError(f"{what} skipped this rank's optimizer step while {world - int(summed[_ALONE])} "

@@ -211,6 +211,18 @@ def skip_step_alone() -> None:
     write("skip_step_alone", {"finished": True})
 
 
+# -- schedules sized from the loaders: one-cycle, and a short epoch ------------------------------------------
+def schedules() -> None:
+    from fastai.callback.training import ShortEpochCallback
+
+    learn = Learner(dls(), mlp(), loss_func=ce)
+    learn.fit_one_cycle(2, 1e-2)
+    lrs = [float(v) for v in learn.recorder.lrs]
+    short = Learner(dls(), mlp(), loss_func=ce, cbs=ShortEpochCallback(pct=0.5))
+    short.fit(1, 1e-2)
+    write("schedules", {"lrs": lrs, "short_steps": len(short.recorder.lrs), "per_epoch": len(learn.dls.train)})
+
+
 # -- a SentencePiece tokenizer trained while setting up (the fastai book's `subword(1000)`) ---------------------
 def subword() -> None:
     import sentencepiece
@@ -228,7 +240,7 @@ def subword() -> None:
     write("subword", {"trained": len(trained), "pieces": list(pieces)})
 
 
-CASES = {f.__name__: f for f in (subword, lr_find, run_flag, preds_in_fit, changed_loss, tuple_output, skip_batch,
+CASES = {f.__name__: f for f in (subword, schedules, lr_find, run_flag, preds_in_fit, changed_loss, tuple_output, skip_batch,
                                  skip_step_alone)}
 
 if __name__ == "__main__":

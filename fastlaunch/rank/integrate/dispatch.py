@@ -88,6 +88,7 @@ def observed_call_one(ctx: Any) -> Callable[[Any, str], None]:
     site, beat = ctx.site, ctx.beats.beat
     idle: dict[tuple[type, str], object] = {}  # (class, event) -> _NEVER, _PLAIN or _LEAN, decided once
     answers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # learn -> delegated_events(learn)
+    last: list = [lambda: None, frozenset()]  # (weak reference to the last Learner, its answers)
 
     def _call_one(learn, event_name: str) -> None:
         if not hasattr(event, event_name):
@@ -97,16 +98,19 @@ def observed_call_one(ctx: Any) -> Callable[[Any, str], None]:
             beat(event_name, getattr(learn, "epoch", 0), getattr(learn, "iter", 0))
             if event_name == "before_fit":
                 idle.clear()  # decided anew each fit: a class given an event method since is called again
-                answers[learn] = delegated_events(learn)
             if event_name in FIT_LEVEL:
                 run = ctx.fit_of(learn)
                 if run is not None:
                     run.open_events += event_name == "before_fit"
                     nested = run.open_events > 1
                     run.open_events -= event_name == "after_fit"
-        delegated = answers.get(learn)
-        if delegated is None:
-            delegated = answers[learn] = delegated_events(learn)
+        if last[0]() is learn and event_name != "before_fit":  # the common case: the same Learner as before
+            delegated = last[1]
+        else:
+            delegated = answers.get(learn)
+            if delegated is None or event_name == "before_fit":
+                delegated = answers[learn] = delegated_events(learn)
+            last[:] = [weakref.ref(learn), delegated]
         site.event = event_name
         try:
             for cb in learn.cbs.sorted("order"):
