@@ -118,10 +118,12 @@ class ScoresEachEpoch(Callback):
         learn = self.learn
         preds, targs = learn.get_preds(dl=self.dls.valid, inner=True)
         inp, preds2, targs2, losses = learn.get_preds(dl=self.dls.valid, inner=True, with_input=True, with_loss=True)
+        plain, _ = learn.get_preds(dl=self.dls.valid, reorder=False)  # not inner: fires the fit events again
+        default, _ = learn.get_preds()  # ds_idx=1: a new loader made from the fit's validation loader
         want = reference(learn, lambda out, y: ce(out, y))
         row = {"n": len(preds), "targets": digest(targs), "preds": digest(preds[:, 1]),
                "inputs": digest(inp), "losses_mean": round(float(losses.mean()), 5), "reference_loss": round(want, 5),
-               "same_as_first": bool(torch.allclose(preds, preds2))}
+               "same_as_first": all(bool(torch.allclose(preds, p)) for p in (preds2, plain, default))}
         if self.epoch == 0:
             row["validate"] = [round(float(v), 5) for v in learn.validate()]
         self.seen.append(row)
