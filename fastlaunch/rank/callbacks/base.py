@@ -13,7 +13,7 @@ from fastai.callback.core import Callback, event
 
 __all__ = ["LeanCallback"]
 
-_EVENTS = tuple(name for name in vars(event) if not name.startswith("_"))  # fastai's event names
+EVENTS = tuple(name for name in vars(event) if not name.startswith("_"))  # fastai's event names
 
 
 class LeanCallback(Callback):
@@ -26,7 +26,7 @@ class LeanCallback(Callback):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls._handles = frozenset(e for e in _EVENTS if callable(getattr(cls, e, None))) - cls.quiet
+        cls._handles = frozenset(e for e in EVENTS if callable(getattr(cls, e, None))) - cls.quiet
 
     def listen(self, *events: str, on: bool = True) -> None:
         """Handle these events from now on (on=False: ignore them again), on this callback alone: a

@@ -61,12 +61,10 @@ def _idle_kind(cls: type, event_name: str, plain_call: Any, lean_call: Any) -> o
 def delegated_events(learn: Any) -> frozenset:
     """Event names the Learner (or its model) answers: fastai's Callback looks a missing event method up
     there (GetAttr) and calls what it finds, so no callback is skipped at those events."""
-    from fastai.callback.core import event
+    from ..callbacks.base import EVENTS
 
     found = set()
-    for name in vars(event):
-        if name.startswith("_"):
-            continue
+    for name in EVENTS:
         try:
             getattr(learn, name)
         except AttributeError:
@@ -87,8 +85,7 @@ def observed_call_one(ctx: Any) -> Callable[[Any, str], None]:
 
     site, beat = ctx.site, ctx.beats.beat
     idle: dict[tuple[type, str], object] = {}  # (class, event) -> _NEVER, _PLAIN or _LEAN, decided once
-    answers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # learn -> delegated_events(learn)
-    last: list = [lambda: None, frozenset()]  # (weak reference to the last Learner, its answers)
+    last: list = [lambda: None, frozenset()]  # (weak reference to the Learner dispatched last, its answers)
 
     def _call_one(learn, event_name: str) -> None:
         if not hasattr(event, event_name):
@@ -104,13 +101,9 @@ def observed_call_one(ctx: Any) -> Callable[[Any, str], None]:
                     run.open_events += event_name == "before_fit"
                     nested = run.open_events > 1
                     run.open_events -= event_name == "after_fit"
-        if last[0]() is learn and event_name != "before_fit":  # the common case: the same Learner as before
-            delegated = last[1]
-        else:
-            delegated = answers.get(learn)
-            if delegated is None or event_name == "before_fit":
-                delegated = answers[learn] = delegated_events(learn)
-            last[:] = [weakref.ref(learn), delegated]
+        if last[0]() is not learn or event_name == "before_fit":  # asked again for another Learner, each fit
+            last[:] = [weakref.ref(learn), delegated_events(learn)]
+        delegated = last[1]
         site.event = event_name
         try:
             for cb in learn.cbs.sorted("order"):

@@ -40,9 +40,8 @@ def evaluation_in_a_fit_sees_the_whole_set(ctx, p) -> None:
 
     @functools.wraps(validate)
     def whole_validate(self, ds_idx=1, dl=None, *args, **kwargs):
-        if dl is None:
-            resolved = self.dls[ds_idx]
-            dl = None if whole_loader(resolved) is resolved else whole_loader(resolved)
+        if dl is None and whole_loader(self.dls[ds_idx]) is not self.dls[ds_idx]:
+            dl = self.dls[ds_idx]  # a rank's shard: one process's loader instead
         return validate(self, ds_idx, whole_loader(dl), *args, **kwargs)
 
     p.set(Learner, "get_preds", whole_get_preds)
