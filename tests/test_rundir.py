@@ -1,6 +1,7 @@
 """Run directories: unique per run, never overwritten, unwritable is a HINT error."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,70 @@ def test_auto_resume_numbers_the_starts_of_one_directory_and_stops_after_max_req
         prepare_run_dir(_cfg(job))
     two = dataclasses.replace(cfg, run_dir=tmp_path / "multi", min_nodes=2, max_nodes=2, node_rank=1)
     assert prepare_run_dir(two).run_dir == tmp_path / "multi" / "node1"  # each machine its own, under the job's
+
+
+# -- another local user: a real other uid (nobody) plants things where a run directory goes ----------------
+_NOBODY = "nobody"
+
+
+def _as_nobody(code: str) -> None:
+    """Run Python code as the user nobody (this test process must be root)."""
+    import subprocess
+
+    subprocess.run(["setpriv", "--reuid", _NOBODY, "--regid", "nogroup", "--clear-groups", "/usr/bin/python3", "-c",
+                    code], check=True, timeout=60)
+
+
+@pytest.fixture
+def shared_place():
+    """A world-writable folder both users reach (like /tmp or a shared scratch), removed afterwards."""
+    import os
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0 or not Path("/usr/bin/python3").exists() or not shutil.which("setpriv"):
+        pytest.skip("acting as another user needs root, setpriv and /usr/bin/python3")
+    place = Path(tempfile.mkdtemp(prefix="fl-shared-"))
+    place.chmod(0o1777)
+    yield place
+    shutil.rmtree(place, ignore_errors=True)
+
+
+def test_a_run_dir_another_user_prepared_is_refused_and_their_links_are_never_followed(shared_place, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    planted = shared_place / "job"
+    # another user makes the job's directory (world-writable) and plants a log link and a checkpoint
+    _as_nobody(f"import os; os.makedirs('{planted}/logs'); os.makedirs('{planted}/checkpoints');"
+               f"os.chmod('{planted}', 0o777); os.chmod('{planted}/logs', 0o777);"
+               f"os.symlink('{victim}', '{planted}/logs/rank1.log');"
+               f"open('{planted}/checkpoints/epoch1.pt', 'w').write('their weights')")
+    for auto_resume in (False, True):
+        with pytest.raises(UsageError) as err:
+            prepare_run_dir(dataclasses.replace(_cfg(planted), auto_resume=auto_resume))
+        assert "another user" in str(err.value) and "HINT" in str(err.value), str(err.value)
+    assert victim.read_text() == "precious"
+    # the same folder made ours but left world-writable, or ours with a link in it: refused too
+    import shutil
+
+    mine = tmp_path / "mine"
+    shutil.copytree(planted, mine, symlinks=True)
+    mine.chmod(0o777)
+    with pytest.raises(UsageError, match="can be written by other users"):
+        prepare_run_dir(_cfg(mine))
+    mine.chmod(0o755)
+    (mine / "logs").chmod(0o755)
+    with pytest.raises(UsageError, match="symbolic link") as err:
+        prepare_run_dir(_cfg(mine))
+    assert "rank1.log" in str(err.value)
+    (mine / "logs" / "rank1.log").unlink()
+    (mine / "launch.yaml").symlink_to(victim)
+    with pytest.raises(UsageError, match="symbolic link"):
+        prepare_run_dir(_cfg(mine))
+    (mine / "launch.yaml").unlink()
+    (mine / "checkpoints").chmod(0o777)
+    with pytest.raises(UsageError, match="can be written by other users"):
+        prepare_run_dir(_cfg(mine))
+    (mine / "checkpoints").chmod(0o755)
+    assert prepare_run_dir(_cfg(mine)).run_dir == mine  # clean and private: used
+    assert victim.read_text() == "precious"

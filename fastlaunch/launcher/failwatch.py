@@ -17,16 +17,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..heartbeat import read_beats
+from ..records import CONSEQUENCE_MARKERS, is_consequence_message
 
 __all__ = ["FailureWatch", "read_record", "CONSEQUENCE_MARKERS", "is_consequence_message"]
-
-# Errors a rank sees because another rank died first: consequences, never the root cause.
-CONSEQUENCE_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                       "communicator was aborted", "DistNetworkError", "Socket Timeout", "timed out")
-
-
-def is_consequence_message(message: str) -> bool:
-    return any(marker in message for marker in CONSEQUENCE_MARKERS)
 
 
 def read_record(path: Path) -> dict | None:

@@ -25,7 +25,16 @@ def _exit_status(exitcode: int) -> int:
 
 
 def _message(failure) -> str:
-    """A failure's recorded message on one line."""
+    """A failure's recorded message on one line; for a rank that left without a record (torch's placeholder
+    message), how it left."""
+    if not _extra(failure):
+        code = failure.exitcode
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exited with status {code} without a Python error (sys.exit or os._exit outside a fit)"
     message = failure.message
     if isinstance(message, dict):
         message = message.get("message", "")
@@ -57,8 +66,13 @@ def _exit_code(failure) -> int:
 
 
 def is_consequence(failure) -> bool:
-    """A rank that failed because another did: its peer vanished, or the engine stopped it (SIGTERM)."""
-    return failure.exitcode == -signal.SIGTERM or is_consequence_message(_message(failure))
+    """A rank that failed because another did: the engine or the stop protocol stopped it (SIGTERM, or the
+    'stopped by a signal' status with no failure of its own), or its peer vanished."""
+    if failure.exitcode == -signal.SIGTERM:
+        return True
+    if not _extra(failure):
+        return failure.exitcode == STOPPED_BY_SIGNAL
+    return is_consequence_message(_message(failure))
 
 
 def root_cause(failures: dict, stopped: AbstractSet[int] = frozenset()) -> int:
@@ -93,10 +107,12 @@ def summarize_failure(err, logs_specs: RankLogsSpecs, console_rank: int, stopped
             say(f"  {line}")
     for other in sorted(r for r in failures if r != rank):
         why = "stopped as a consequence" if other in stopped or is_consequence(failures[other]) else "also failed"
-        say(f"fastlaunch: rank {other} {why} (exit code {failures[other].exitcode}): "
-              f"{_message(failures[other])[:160]}")
+        say(f"fastlaunch: rank {other} {why} (exit code {_exit_code(failures[other])}): "
+            f"{_message(failures[other])[:160]}")
     say(f"fastlaunch: logs: {logs_specs.log_dir}")
-    return _exit_status(_exit_code(failure))
+    status = _exit_status(_exit_code(failure))
+    # 75 asks a Slurm job to be requeued: a script's error is never that (it would fail again)
+    return 1 if status == STOPPED_BY_SIGNAL else status
 
 
 def summarize_hang(verdict, logs_specs: RankLogsSpecs, stack_taken: bool = True) -> int:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 
 from ..config import LaunchConfig
 from ..errors import UsageError
+from .trust import check_run_dir
 from .autoresume import archive_logs, check_requeues, node_dir, previous_start
 
 __all__ = ["prepare_run_dir", "claim_unique", "rank_log_name", "attempt_of", "LAUNCH_FILE"]
@@ -43,6 +45,14 @@ def claim_unique(root: Path, name: str) -> Path:
     raise UsageError("no free run directory name", root / name, "clean up old runs or pass --run-dir")
 
 
+def _write_new(path: Path, text: str) -> None:
+    """Write a file of the run directory afresh, never through a link planted where it goes."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
 def prepare_run_dir(config: LaunchConfig, root: Path = Path("runs"), now: float | None = None) -> LaunchConfig:
     """Create the run directory (or check the one given), write launch.yaml, return the final config."""
     start = 0
@@ -51,9 +61,13 @@ def prepare_run_dir(config: LaunchConfig, root: Path = Path("runs"), now: float 
             stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
             path = claim_unique(root.resolve(), f"{stamp}-{config.script.stem}")
         elif config.multi_node and config.node_rank is None:  # the rendezvous orders the machines: no fixed name
+            check_run_dir(config.run_dir.resolve())
             path = claim_unique(config.run_dir, socket.gethostname())
         else:
+            check_run_dir(config.run_dir.resolve())
             path = node_dir(config.run_dir, config.multi_node, config.node_rank)
+            if path != config.run_dir:
+                check_run_dir(path.resolve())
             if (path / LAUNCH_FILE).exists():
                 if not config.auto_resume:
                     raise UsageError("--run-dir already holds another run", path,
@@ -64,7 +78,7 @@ def prepare_run_dir(config: LaunchConfig, root: Path = Path("runs"), now: float 
             path.mkdir(parents=True, exist_ok=True)
         (path / "logs").mkdir(exist_ok=True)
         config = dataclasses.replace(config, run_dir=path, start=start)
-        (path / LAUNCH_FILE).write_text(yaml.safe_dump(config.as_dict(), sort_keys=False))
+        _write_new(path / LAUNCH_FILE, yaml.safe_dump(config.as_dict(), sort_keys=False))
     except OSError as err:
         raise UsageError("cannot write the run directory", f"{err.filename or config.run_dir}: {err.strerror}",
                          "pass --run-dir pointing to a writable place") from None

@@ -2,9 +2,10 @@
 
 The notebook's `%fastlaunch` starts the launcher with this file as its script; the worker sees it and calls
 `serve` after the usual bootstrap (process group, patches, device, seed), so every cell runs with what a
-script gets. Each rank's kernel listens on 127.0.0.1 and writes its connection file and a ready record
-(pid, file) under the directory the session gave; the notebook's kernel (fastlaunch/session/) connects to
-every rank with jupyter_client, sends each cell to all, and shows rank 0's messages. Every rank echoes its
+script gets. Each rank's kernel listens on ipc sockets in the private folder the session made (mkdtemp:
+this user's alone) and writes its connection file and a ready record (pid, file) there; the notebook's
+kernel (fastlaunch/session/) connects to every rank with jupyter_client, removes the connection files (the
+keys stay in memory only), sends each cell to all, and shows rank 0's messages. Every rank echoes its
 output into its own log as well.
 
 SIGINT (the notebook's interrupt button, sent to every rank) inside a distributed fit asks the stop channel
@@ -15,13 +16,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import sys
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
 from ..notebooks import RANK_HELPERS, ready_path
 
-__all__ = ["serve", "facts", "free"]
+__all__ = ["serve", "facts", "free", "private_folder"]
 
 
 def _interrupt_handler(ctx):
@@ -74,6 +77,21 @@ def free(ctx) -> dict:
     return facts(ctx)
 
 
+def private_folder(folder: Path) -> Path:
+    """The session's kernel folder, checked: a directory (not a link), this user's, closed to everyone else
+    (the session makes it with mkdtemp); anything else is refused, never used."""
+    try:
+        info = os.lstat(folder)
+    except OSError as err:
+        raise UsageError("the session's kernel folder is missing", f"{folder}: {err.strerror}",
+                         "start the session with `%fastlaunch`, which makes the folder") from None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise UsageError("the session's kernel folder is not a private directory of this user",
+                         f"{folder} (owner uid {info.st_uid}, mode {stat.filemode(info.st_mode)})",
+                         "start the session with `%fastlaunch`, which makes a fresh private folder")
+    return folder
+
+
 def serve(ctx, folder: str) -> None:
     """Run this rank's kernel until the session shuts it down."""
     from ipykernel.ipkernel import IPythonKernel
@@ -86,13 +104,17 @@ def serve(ctx, folder: str) -> None:
         def pre_handler_hook(self):  # ipykernel makes SIGINT raise at once; a fit must stop at an agreed batch
             self.saved_sigint_handler = signal.signal(signal.SIGINT, on_interrupt)
 
-    where = Path(folder)
-    where.mkdir(parents=True, exist_ok=True)
+    where = private_folder(Path(folder))
     connection = where / f"rank{ctx.env.rank}.kernel.json"
-    # quiet=False: every rank's output is echoed into its log; parent_handle: no console banner; the kernel's
-    # own warnings (plain TCP on 127.0.0.1) are plumbing the user cannot act on
-    app = IPKernelApp.instance(kernel_class=RankKernel, connection_file=str(connection), ip="127.0.0.1",
-                               parent_handle=1, quiet=False, capture_fd_output=False, log_level="ERROR")
+    if os.path.lexists(connection):  # ipykernel would adopt a file it finds (and its key): only a fresh one
+        raise UsageError("the session's kernel folder already holds a connection file", str(connection),
+                         "start the session again (`%fastlaunch restart`): each session makes a fresh folder")
+    # ipc transport: each channel is a socket file in the private folder, which no other local user can
+    # open (TCP on 127.0.0.1 would let any of them subscribe to every cell's output). quiet=False: every
+    # rank's output is echoed into its log; parent_handle: no console banner.
+    app = IPKernelApp.instance(kernel_class=RankKernel, connection_file=str(connection), transport="ipc",
+                               ip=str(where / f"rank{ctx.env.rank}"), parent_handle=1, quiet=False,
+                               capture_fd_output=False, log_level="ERROR")
     app.initialize([])
     shell: Any = app.shell
     shell.user_ns["__name__"] = "__main__"

@@ -15,13 +15,12 @@ faulthandler.enable()  # a crash in native code (SIGSEGV, SIGABRT) still leaves 
 import atexit  # noqa: E402
 import ctypes  # noqa: E402
 import importlib.util  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
 import runpy  # noqa: E402
 import signal  # noqa: E402
 import traceback  # noqa: E402
 
 from ..config import STOPPED_BY_SIGNAL  # noqa: E402
+from .failure import record_failure  # noqa: E402
 
 __all__ = ["main", "arm_parent_death"]
 
@@ -42,28 +41,6 @@ def arm_parent_death(expected_parent: int | None) -> None:
     os.register_at_fork(after_in_child=_arm)  # a fork clears the parent-death signal
     if expected_parent and os.getppid() != expected_parent:  # the launcher died before we armed
         os._exit(1)
-
-
-def _record_failure(exc: BaseException, status: int) -> None:
-    """Write the engine's error file, with a sub-second time, this process's pid and the exit status it
-    would leave with. The launcher acts on the record at once (failwatch.py): a rank that lingers after
-    failing (atexit handlers, threads, a slow teardown) never holds its peers in a collective. Written to
-    a temporary name and renamed, so the launcher never reads half a record."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
-        return
-    now = time.time()
-    record = {"message": {"message": f"{type(exc).__name__}: {exc}", "extraInfo": {
-        "py_callstack": "".join(traceback.format_exception(exc)), "timestamp": str(int(now)),
-        "fastlaunch_time": now, "fastlaunch_pid": os.getpid(), "fastlaunch_exit": status}}}
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        with open(f"{path}.{os.getpid()}.tmp", "w") as fh:
-            json.dump(record, fh)
-        os.replace(f"{path}.{os.getpid()}.tmp", path)
-    except OSError:
-        pass
 
 
 def stop_signal_handler(ctx):
@@ -112,12 +89,15 @@ def _run_script(script: str, args: list[str], ctx) -> int:
     except SystemExit as exc:
         return _exit_code(exc.code)
     except UsageError as exc:  # a mistake the user made (e.g. an unshardable DataLoader): one line
+        record_failure(exc, exc.exit_code)
         print(exc, file=sys.stderr)
-        _record_failure(exc, exc.exit_code)
         return exc.exit_code
     except BaseException as exc:
+        # the record first: the engine's SIGTERM to the peers of a failed rank may reach this one while it
+        # prints, and from then on it is a failure, not a rank stopped by a signal
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        record_failure(exc, 1)
         traceback.print_exc()
-        _record_failure(exc, 1)
         return 1
     return 0
 

@@ -14,12 +14,15 @@ from __future__ import annotations
 import ast
 import ctypes
 import importlib.util
+import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -72,24 +75,33 @@ class Refused(Exception):
 class Session:
     """The ranks of one interactive session: started, fed cells, interrupted, stopped."""
 
-    def __init__(self, tokens: list[str], run_dir: Path, process: subprocess.Popen, log: Path):
+    def __init__(self, tokens: list[str], run_dir: Path, process: subprocess.Popen, log: Path, kernels: Path):
         self.tokens, self.run_dir, self.process, self.log = tokens, run_dir, process, log
+        self.kernels = kernels  # the ranks' private folder: their ipc sockets (and, until connected, keys)
         self.clients: list[Any] = []
         self.pids: list[int] = []
         self.device = "cpu"
         self.started = time.monotonic()
+        self.traceback: list[str] = []  # a failed rank's, once the ranks are gone
 
     # -- starting ------------------------------------------------------------------------------------------
     @classmethod
     def start(cls, tokens: list[str], run_dir: Path, say: Callable[[str], None]) -> "Session":
         """Start the ranks and connect to each; a UsageError (the launcher's own line) if it refuses."""
         log = run_dir / "launcher.log"
+        # fresh, 0700, this user's (mkdtemp), outside the run directory, which others may be able to read
+        kernels = Path(tempfile.mkdtemp(prefix="fastlaunch-session-"))
         command = [sys.executable, "-m", "fastlaunch", *tokens, "--run-dir", str(run_dir), _kernel_file(),
-                   str(run_dir / "kernels")]
-        with open(log, "ab") as out:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                       start_new_session=True, preexec_fn=_die_with_parent)
-        session = cls(tokens, run_dir, process, log)
+                   str(kernels)]
+        try:
+            with open(log, "ab") as out:
+                process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out,
+                                           stderr=subprocess.STDOUT, start_new_session=True,
+                                           preexec_fn=_die_with_parent)
+        except OSError:
+            shutil.rmtree(kernels, ignore_errors=True)
+            raise
+        session = cls(tokens, run_dir, process, log, kernels)
         try:
             session._connect(say)
         except BaseException:
@@ -114,15 +126,16 @@ class Session:
             if self.process.poll() is not None:
                 raise Refused(self._refusal())
             world = world or self._world_size()
-            if world is not None and all(ready_path(self.run_dir / "kernels", r).exists() for r in range(world)):
+            if world is not None and all(ready_path(self.kernels, r).exists() for r in range(world)):
                 break
             if time.monotonic() > deadline:
                 raise SessionOver(f"the ranks did not start within {_READY_GUARD_S:.0f} s; see {self.log}")
             time.sleep(0.1)
         for rank in range(world):
-            ready = json.loads(ready_path(self.run_dir / "kernels", rank).read_text())
+            ready = json.loads(ready_path(self.kernels, rank).read_text())
             client = BlockingKernelClient(connection_file=ready["connection_file"])
             client.load_connection_file()
+            Path(ready["connection_file"]).unlink(missing_ok=True)  # its key now lives in memory only
             client.start_channels()
             client.wait_for_ready(timeout=120)
             self.clients.append(client)
@@ -213,14 +226,19 @@ class Session:
 
     # -- ending ------------------------------------------------------------------------------------------------
     def _gone(self) -> str:
-        """What the launcher said when the ranks went away: its lines naming what happened."""
+        """What the launcher said when the ranks went away: its lines naming what happened (a failed rank's
+        traceback, which the launcher shows after them, is kept in `self.traceback`)."""
         try:
             self.process.wait(timeout=_STOP_WAIT_S)
         except subprocess.TimeoutExpired:
             pass
-        lines = [ln.strip()[len("fastlaunch: "):] for ln in self.log.read_text(errors="replace").splitlines()
-                 if ln.startswith("fastlaunch: ")]  # the launcher's own lines among rank 0's, followed
+        said = self.log.read_text(errors="replace").splitlines()
+        lines = [ln.strip()[len("fastlaunch: "):] for ln in said if ln.startswith("fastlaunch: ")]
         named = [ln for ln in lines if _SUMMARY.match(ln)]
+        start = next((i for i, ln in enumerate(said) if re.match(r"fastlaunch: rank \d+'s traceback:", ln)), None)
+        if start is not None:
+            tail = itertools.takewhile(lambda ln: ln.startswith("  "), said[start + 1:])
+            self.traceback = [ln[2:] for ln in tail]
         return " / ".join(named[:2]) or f"the launcher exited with status {self.process.returncode}"
 
     def stop(self, quiet: bool = False) -> int | None:
@@ -245,4 +263,5 @@ class Session:
             except Exception:
                 pass
         self.clients = []
+        shutil.rmtree(self.kernels, ignore_errors=True)  # sockets, and any key a rank wrote after connecting
         return self.process.returncode

@@ -18,6 +18,7 @@ import atexit
 import shutil
 import re
 import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,8 @@ class FastlaunchMagics(Magics):
                           "`%fastlaunch restart` for a fresh world, or `%fastlaunch stop` first")
         self._start(words)
 
-    def _start(self, tokens: list[str]) -> None:
+    def _start(self, tokens: list[str], again: bool = False) -> None:
+        """`again`: a restart, whose --run-dir (the last world's) takes the next free name: DIR-2, DIR-3, ..."""
         from ..launcher.options import BOOL_FLAGS, VALUE_FLAGS, parse_tokens
         from ..launcher.parsing import split_argv
         from ..launcher.rundir import claim_unique
@@ -87,8 +89,11 @@ class FastlaunchMagics(Magics):
             for name in sorted(given & set(_NOT_IN_SESSIONS)):
                 raise UsageError(f"--{name.replace('_', '-')} is not for notebook sessions", " ".join(tokens),
                                  _NOT_IN_SESSIONS[name])
+            made = options["run_dir"] is None or again  # a folder this call makes: removed if nothing starts
             if options["run_dir"] is not None:
                 run_dir = Path(options["run_dir"]).resolve()
+                if again and run_dir.exists():
+                    run_dir = claim_unique(run_dir.parent, run_dir.name)
                 flags = [t for i, t in enumerate(flags) if t != "--run-dir" and not t.startswith("--run-dir=")
                          and (i == 0 or flags[i - 1] != "--run-dir")]
             else:
@@ -99,7 +104,7 @@ class FastlaunchMagics(Magics):
         try:
             self.session = Session.start(flags, run_dir, say=print)
         except Refused as err:
-            if options["run_dir"] is None:  # nothing started: nothing left
+            if made:  # nothing started: nothing left
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise IPythonUsageError(str(err)) from None
         except SessionOver as err:
@@ -143,10 +148,15 @@ class FastlaunchMagics(Magics):
               f"run dir {session.run_dir}")
 
     def _restart(self) -> None:
-        if self.session is not None:
-            self.session.stop(quiet=True)
+        old = self.session
+        if old is not None:
+            old.stop(quiet=True)
         self.session = None
-        self._start(self.tokens)
+        try:
+            self._start(self.tokens, again=old is not None)
+        except BaseException:
+            self.session = old  # not started: cells must still say the ranks are gone, not run here
+            raise
 
     def close(self) -> None:
         """At the kernel's exit: no rank left behind."""
@@ -171,6 +181,8 @@ class FastlaunchMagics(Magics):
         return RankResult(**outcome.result) if outcome.result else None
 
     def _over(self, err: Exception) -> None:
+        if self.session is not None and self.session.traceback:  # the failed rank's own traceback first
+            print("\n".join(self.session.traceback), file=sys.stderr)
         raise _refuse("the session's ranks are gone", err,
                       "`%fastlaunch restart` starts a fresh world (the ranks' variables are lost)") from None
 

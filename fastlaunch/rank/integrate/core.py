@@ -34,6 +34,7 @@ def fit_opens_a_fit_run(ctx, p) -> None:
     from fastai.learner import Learner
 
     from ..callbacks.checkpointing import resume_callbacks
+    from ..escape import settle
 
     original = Learner.fit
 
@@ -54,6 +55,9 @@ def fit_opens_a_fit_run(ctx, p) -> None:
                 return None
             with self.added_cbs(extra):
                 result = original(self, *args, **kwargs)
+        except BaseException as exc:
+            settle(ctx, run.index, exc)  # on this rank alone: the job ends here, naming it (escape.py)
+            raise
         finally:
             ctx.close_fit(self)
         if run.stop is not None and run.stop.interrupted:  # cancelled at one agreed batch, after_fit done
