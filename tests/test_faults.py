@@ -238,3 +238,43 @@ def test_a_stopped_rank_is_named_and_the_report_says_why_it_has_no_stack(tmp_pat
     assert "its process is stopped (SIGSTOP, or a debugger holds it), so no stack could be taken" in stderr
     assert "its stack (from" not in stderr
     assert not _survivors(procs)
+
+
+@pytest.mark.parametrize("fault, status, said", [("exit", 3, "SystemExit: 3"), ("caught", 1, "rank 1 gives up")])
+def test_a_rank_that_leaves_the_fit_alone_is_named_and_the_job_ends(tmp_path, fault, status, said):
+    """sys.exit(3) inside a fit while an atexit handler lingers, or an exception the script catches and
+    carries on past: the peer waits in the all-reduce; the rank that left is named (never the waiting one),
+    with its own status, within the hang guard (no hang timeout: --hang-timeout stays 600 s)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "fastlaunch", "--cpu", "2", str(FAULT)], cwd=tmp_path,
+                            env={**_env(out, fault), "FL_LINGER": "atexit"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    procs = _wait_ready(proc, out, ranks=0)
+    try:
+        _, stderr = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    first = [line for line in stderr.splitlines() if " failed (exit code" in line]
+    assert first and first[0].startswith(f"fastlaunch: rank 1 failed (exit code {status})") and said in first[0], stderr
+    assert "hung" not in stderr and "rank 0 failed" not in stderr and "To enable traceback" not in stderr
+    assert proc.returncode == status
+    assert not _survivors(procs, limit=10)
+
+
+@pytest.mark.parametrize("fault", ["everywhere", "everywhere_caught"])
+def test_the_same_error_on_every_rank_is_one_process_s_error(tmp_path, fault):
+    """Every rank raises the same error in the fit: uncaught, a rank with its own record is named and the job
+    exits 1 (never 75, which would requeue a broken script); caught by the script, training goes on as in one
+    process and the job succeeds."""
+    proc, out = _start(tmp_path, fault)
+    stdout, stderr = proc.communicate(timeout=150)
+    if fault == "everywhere_caught":
+        assert proc.returncode == 0, stderr
+        assert "rank 0 caught:" in stdout and "rank 0 gives up like every rank" in stdout, stdout
+        return
+    first = [line for line in stderr.splitlines() if " failed (exit code" in line]
+    assert first and "gives up like every rank" in first[0] and "exit code 1" in first[0], stderr
+    assert "To enable traceback" not in stderr and "exit code 75" not in stderr
+    assert proc.returncode == 1

@@ -126,3 +126,23 @@ def test_launcher_lines_after_rank_zero_start_on_a_fresh_line(tmp_path):
     with ConsoleFollower(out, interval=0.01) as follower:
         follower.follow(log)
     assert out.getvalue().endswith("[2/5 00:01<00:01]\n")  # the unfinished bar is ended before our lines
+
+
+def test_a_rank_stopped_by_the_engine_or_a_signal_is_never_the_culprit_nor_its_status(tmp_path, capsys):
+    from fastlaunch.launcher.outcome import summarize_failure
+
+    # the peer the engine stopped left with 75 (its SIGTERM handler) and no record: the recorded rank is named
+    failures = {0: _failure(75, "", 5), 1: _failure(1, "RuntimeError: same everywhere", 6, 6.1)}
+    assert root_cause(failures) == 1
+    err = types.SimpleNamespace(failures=failures)
+    assert summarize_failure(err, RankLogsSpecs(tmp_path), console_rank=0, stopped=set()) == 1
+    said = capsys.readouterr().err
+    assert "rank 1 failed (exit code 1)" in said and "rank 0 stopped as a consequence" in said, said
+    # no rank recorded anything: the job's status is never 75 (that asks Slurm to requeue a broken script)
+    err = types.SimpleNamespace(failures={0: _failure(75, "", 5), 1: _failure(3, "", 6)})
+    assert summarize_failure(err, RankLogsSpecs(tmp_path), console_rank=0, stopped=set()) == 3
+    err = types.SimpleNamespace(failures={0: _failure(75, "", 5)})
+    assert summarize_failure(err, RankLogsSpecs(tmp_path), console_rank=0, stopped=set()) == 1
+    said = capsys.readouterr().err
+    assert "To enable traceback" not in said and "stopped by a signal with status 75" in said, said
+    assert "rank 1 failed (exit code 3): exited with status 3 without a Python error" in said, said

@@ -184,6 +184,37 @@ class Started(Callback):
 '''
 
 
+FAILS = '''
+class Fails(Callback):
+    def after_batch(self):
+        if self.iter == 2 and dist.get_rank() in {ranks}:
+            raise ValueError(f"fails in a fit on rank {{dist.get_rank()}}")
+'''
+
+
+def _nobody_shut_out(kernel: "Kernel") -> Path:
+    """The ranks' kernels listen in a private folder: no connection key left on disk once connected, and
+    another local user (nobody) can neither list it nor connect to a rank's sockets. Returns the folder."""
+    reply, text = kernel.run("import sys, os\nprint('kernels:', sys.argv[1], sorted(os.listdir(sys.argv[1])))")
+    assert reply["status"] == "ok", text
+    line = next(ln for ln in text.splitlines() if ln.startswith("kernels:"))
+    folder = Path(line.split()[1])
+    names = eval(line.split(" ", 2)[2])  # the list printed above
+    assert (folder.stat().st_mode & 0o777) == 0o700 and folder.stat().st_uid == os.geteuid()
+    assert not [n for n in names if n.endswith(".kernel.json")], names  # keys: in memory only
+    sockets = [folder / n for n in names if n.startswith("rank0-")]
+    assert len(sockets) == 5, names  # shell, iopub, stdin, control, heartbeat: ipc, no TCP port
+    if os.geteuid() == 0 and Path("/usr/bin/python3").exists():
+        probe = ("import os, socket, sys\ntry:\n    os.listdir(sys.argv[1])\nexcept PermissionError:\n    print('no list')\n"
+                 "for path in sys.argv[2:]:\n    s = socket.socket(socket.AF_UNIX)\n    try:\n        s.connect(path)\n"
+                 "        print('connected')\n    except PermissionError:\n        print('refused')\n")
+        other = subprocess.run(["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
+                                "/usr/bin/python3", "-c", probe, str(folder), *map(str, sockets)],
+                               capture_output=True, text=True, timeout=60)
+        assert other.stdout.split() == ["no", "list", *["refused"] * 5], (other.stdout, other.stderr)
+    return folder
+
+
 def test_interrupt_errors_bad_input_a_dying_rank_and_shutdown_in_one_session(tmp_path):
     kernel = Kernel(tmp_path)
     try:
@@ -197,13 +228,17 @@ def test_interrupt_errors_bad_input_a_dying_rank_and_shutdown_in_one_session(tmp
         reply, text = kernel.run("print('before any session')")
         assert reply["status"] == "ok" and "before any session" in text  # no session: cells stay local
 
-        reply, text = kernel.run("%fastlaunch --cpu 2")
+        reply, text = kernel.run("%fastlaunch --cpu 2 --run-dir rd")
         assert reply["status"] == "ok" and "2 ranks on cpu ready" in text, text
-        run_dir = _run_dir(tmp_path)
+        run_dir = tmp_path / "rd"
         reply, text = kernel.run("%fastlaunch --cpu 2")
         assert reply["status"] == "error" and "a session is already running" in text, text
+        kernels = _nobody_shut_out(kernel)
         reply, text = kernel.run(TABULAR + "learn.fit(2)")
         assert reply["status"] == "ok", text
+        # the same error on every rank inside a fit: the cell's error, as in one process; the session lives on
+        reply, text = kernel.run(FAILS.format(ranks="(0, 1)") + "learn.fit(1, cbs=Fails())")
+        assert reply["status"] == "error" and "fails in a fit on rank 0" in text, text
 
         # the interrupt button during a fit: every rank stops at one batch, the ranks live on
         msg_id = kernel.send("learn.fit(40, cbs=Started())")
@@ -230,16 +265,27 @@ def test_interrupt_errors_bad_input_a_dying_rank_and_shutdown_in_one_session(tmp
         assert _gone(run_dir) == []
         reply, text = kernel.run("%fastlaunch restart")
         assert reply["status"] == "ok" and "2 ranks on cpu ready" in text, text
+        assert "run dir " + str(tmp_path / "rd-2") in text  # --run-dir's folder holds the last world's run
         reply, text = kernel.run("import torch.distributed as dist\ndist.get_world_size() * 21")
         assert reply["status"] == "ok" and "42" in text, text
+        # an error on rank 1 alone inside a fit: rank 0 waits in the all-reduce; the world ends at once,
+        # naming rank 1 with its traceback (not the waiting rank, not at the hang timeout)
+        reply, text = kernel.run(TABULAR + FAILS.format(ranks="(1,)") + "learn.fit(3, cbs=Fails())")
+        assert reply["status"] == "error" and "ranks are gone" in text and "rank 1 failed" in text, text
+        assert "fails in a fit on rank 1" in text and "in after_batch" in text and "hung" not in text, text
+        assert _gone(tmp_path / "rd-2") == [] and not kernels.exists()
+        reply, text = kernel.run("print('not here')")  # the next cell does not run in the notebook's kernel
+        assert reply["status"] == "error" and "ranks are gone" in text, text
+        reply, text = kernel.run("%fastlaunch restart")
+        assert reply["status"] == "ok" and "run dir " + str(tmp_path / "rd-3") in text, text
         reply, text = kernel.run("%fastlaunch stop")
         assert reply["status"] == "ok" and "session stopped (status 0)" in text, text
-        assert _gone(_run_dir(tmp_path)) == []
+        assert _gone(tmp_path / "rd-3") == []
         reply, text = kernel.run("import sys\nprint('local again:', 'torch' in sys.modules)")
         assert reply["status"] == "ok" and "local again: False" in text, text  # cells run in the kernel again
         reply, text = kernel.run("%fastlaunch restart")
         assert reply["status"] == "ok" and "2 ranks on cpu ready" in text, text
-        run_dir = _run_dir(tmp_path)
+        run_dir = tmp_path / "rd-4"
         assert _session_processes(run_dir)
         os.kill(kernel.km.provisioner.process.pid, signal.SIGKILL)  # the kernel dies with no chance to clean up
     finally:

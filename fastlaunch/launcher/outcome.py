@@ -34,6 +34,8 @@ def _message(failure) -> str:
                 return f"killed by {signal.Signals(-code).name}"
             except ValueError:
                 return f"killed by signal {-code}"
+        if code == STOPPED_BY_SIGNAL:
+            return f"stopped by a signal with status {code} (it was stopped, it did not fail)"
         return f"exited with status {code} without a Python error (sys.exit or os._exit outside a fit)"
     message = failure.message
     if isinstance(message, dict):

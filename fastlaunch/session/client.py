@@ -232,6 +232,8 @@ class Session:
             self.process.wait(timeout=_STOP_WAIT_S)
         except subprocess.TimeoutExpired:
             pass
+        else:
+            shutil.rmtree(self.kernels, ignore_errors=True)  # the ranks are gone: so are their sockets
         said = self.log.read_text(errors="replace").splitlines()
         lines = [ln.strip()[len("fastlaunch: "):] for ln in said if ln.startswith("fastlaunch: ")]
         named = [ln for ln in lines if _SUMMARY.match(ln)]

@@ -153,7 +153,7 @@ class FastlaunchMagics(Magics):
             old.stop(quiet=True)
         self.session = None
         try:
-            self._start(self.tokens, again=old is not None)
+            self._start(self.tokens, again=True)
         except BaseException:
             self.session = old  # not started: cells must still say the ranks are gone, not run here
             raise

@@ -8,6 +8,8 @@ $FL_PROBE_OUT/ready-rank<R> once its DataLoader worker is running.
 Failure points, each on rank 1 alone (the other rank goes on into its next collective): loss (the loss
 function), worker (a DataLoader worker), transform (a batch transform), before_fit, validation (a callback
 during validation), after_fit, stop (a callback failing on the agreed-stop path after a CancelFitException).
+Leaving the fit: exit (sys.exit(3) on rank 1), caught (rank 1 raises, the script catches it and carries on
+outside the fit), everywhere (every rank raises the same error), everywhere_caught (and the script catches it).
 $FL_LINGER makes the failing process linger after its failure: atexit (a handler that waits, as upload
 handlers do) or thread (a non-daemon thread that sleeps)."""
 import atexit
@@ -62,9 +64,13 @@ class Fault(Callback):
         (OUT / f"ready-rank{RANK}").touch()
         if FAULT == "slow":
             time.sleep(0.2)
+        elif FAULT.startswith("everywhere") and self.iter == 2:
+            raise RuntimeError(f"rank {RANK} gives up like every rank")
         elif RANK == 1 and self.iter == 2:
-            if FAULT == "raise":
+            if FAULT in ("raise", "caught"):
                 raise RuntimeError("rank 1 gives up")
+            if FAULT == "exit":
+                raise SystemExit(3)
             if FAULT == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             if FAULT == "segv":
@@ -126,4 +132,11 @@ data = Items((torch.randn(4), torch.tensor(i % 2)) for i in range(512))
 train = DataLoader(data, bs=16, shuffle=True, drop_last=True, num_workers=1, after_batch=transform)
 valid = DataLoader(data[:64], bs=16)
 learn = Learner(DataLoaders(train, valid), nn.Linear(4, 2), loss_func=loss_func, cbs=Fault())
-learn.fit(100 if FAULT == "slow" else 2)
+try:
+    learn.fit(100 if FAULT == "slow" else 2)
+except RuntimeError as err:  # caught: rank 1 alone carries on outside the fit; everywhere_caught: every rank
+    if FAULT not in ("caught", "everywhere_caught"):
+        raise
+    print(f"rank {RANK} caught: {err}", flush=True)
+    if FAULT == "caught":
+        time.sleep(3600)

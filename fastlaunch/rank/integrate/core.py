@@ -34,6 +34,7 @@ def fit_opens_a_fit_run(ctx, p) -> None:
     from fastai.learner import Learner
 
     from ..callbacks.checkpointing import resume_callbacks
+    from ..callbacks.placement import DistributedFit
     from ..escape import settle
 
     original = Learner.fit
@@ -57,6 +58,9 @@ def fit_opens_a_fit_run(ctx, p) -> None:
                 result = original(self, *args, **kwargs)
         except BaseException as exc:
             settle(ctx, run.index, exc)  # on this rank alone: the job ends here, naming it (escape.py)
+            for cb in self.cbs:  # fastai skips after_fit when a fit fails: the model and loaders come back
+                if isinstance(cb, DistributedFit):  # as one process has them
+                    cb.after_fit()
             raise
         finally:
             ctx.close_fit(self)
