@@ -55,6 +55,7 @@ class LaunchConfig:
     max_restarts: int = 0
     verbose: bool = False
     cpus_per_rank: int = 1
+    node_cores: int = 0  # the cores the launcher may run on, shared by its ranks (0: not known)
     keep_global_batch: bool = False
     sync_bn: bool = False  # BatchNorm layers become SyncBatchNorm for each fit (GPUs)
     min_nodes: int = 1

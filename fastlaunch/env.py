@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
 
+from .errors import UsageError, shown
 from .option_table import ENV_PREFIX, rank_settings
 
 __all__ = ["DistEnv", "SlurmFacts", "launcher_environ", "environ_overlay", "stop_marker_request"]
@@ -70,6 +71,7 @@ class DistEnv:
     seed: int | None = None
     precision: str = "no"
     cpus_per_rank: int | None = None
+    node_cores: int | None = None  # the cores this machine's ranks share
     run_dir: Path | None = None
     restart_count: int = 0
     keep_global_batch: bool = False
@@ -118,6 +120,22 @@ class DistEnv:
         return cls(**launcher)
 
 
+def _slurm_int(environ: Mapping[str, str], key: str, default: int | None, low: int) -> int | None:
+    """A whole-number SLURM_* variable (default when unset or empty), or a UsageError naming it."""
+    value = environ.get(key, "")
+    if not value.strip():
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = low - 1
+    if number < low:
+        raise UsageError(f"Slurm variable {key} is not a whole number of at least {low}", f"{key}={shown(value)}",
+                         "run fastlaunch inside a Slurm job as Slurm starts it, or unset the stale SLURM_* "
+                         "variables of another job")
+    return number
+
+
 @dataclass(frozen=True)
 class SlurmFacts:
     """What a Slurm allocation says about this process (read from SLURM_* variables)."""
@@ -135,17 +153,17 @@ class SlurmFacts:
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> "SlurmFacts | None":
         """None outside Slurm."""
         environ = os.environ if environ is None else environ
-        job = environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID")
-        if not job:
+        job = "SLURM_JOB_ID" if environ.get("SLURM_JOB_ID") else "SLURM_JOBID"
+        if not environ.get(job):
             return None
-        gpus = environ.get("SLURM_GPUS_ON_NODE", "")
+        nodes = "SLURM_NNODES" if environ.get("SLURM_NNODES", "").strip() else "SLURM_JOB_NUM_NODES"
         return cls(
-            job_id=int(job),
-            nnodes=_int(environ, "SLURM_NNODES", _int(environ, "SLURM_JOB_NUM_NODES", 1)),
-            node_id=_int(environ, "SLURM_NODEID", 0),
+            job_id=_slurm_int(environ, job, 0, 0) or 0,
+            nnodes=_slurm_int(environ, nodes, 1, 1) or 1,
+            node_id=_slurm_int(environ, "SLURM_NODEID", 0, 0) or 0,
             nodelist=environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST", ""),
-            ntasks=_int(environ, "SLURM_NTASKS", 1),
+            ntasks=_slurm_int(environ, "SLURM_NTASKS", 1, 1) or 1,
             in_step="SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ,
-            gpus_on_node=int(gpus) if gpus.isdigit() else None,
+            gpus_on_node=_slurm_int(environ, "SLURM_GPUS_ON_NODE", None, 0),
             launch_node_ip=environ.get("SLURM_LAUNCH_NODE_IPADDR"),
         )

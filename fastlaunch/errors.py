@@ -1,7 +1,7 @@
 """Errors meant for a person: one line, the value, and a HINT with the fix."""
 from __future__ import annotations
 
-__all__ = ["UsageError", "format_usage_error"]
+__all__ = ["UsageError", "format_usage_error", "shown"]
 
 
 class UsageError(Exception):
@@ -20,3 +20,9 @@ class UsageError(Exception):
 def format_usage_error(what: str, got: object, hint: str) -> str:
     """Render the one-line form `fastlaunch: error: <what> (got <value>). HINT: <fix>`."""
     return f"fastlaunch: error: {what} (got {got}). HINT: {hint}"
+
+
+def shown(value: object) -> str:
+    """A value as an error line shows it: on one line, and short."""
+    said = value if isinstance(value, str) and value.isprintable() else repr(value)
+    return said if len(said) <= 80 else said[:77] + "..."

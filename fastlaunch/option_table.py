@@ -5,7 +5,9 @@ text, whether a YAML launch config (--config) may set it, how `--resume` reads i
 launch.yaml, the FASTLAUNCH_* variable its resolved value travels to the ranks in, and whether
 `fastlaunch slurm` passes it on to the job's launch line. The parser, the option lists of `--help`,
 LaunchConfig.to_env, DistEnv.from_environ, options_of_run and the Slurm pass-through all read these
-records. Values are checked later, in resolve.py, alike for every source (flags, files, a resumed run).
+records. Each option has a kind (switch, whole, text, path, literal): a value read from a file is checked
+against its kind here (Option.from_file), and a whole number against the option's limits (Option.number) in
+resolve.py, alike for every source (flags, files, a resumed run).
 
 Imported by every rank (env.py reads the rank variables through it): standard library only.
 """
@@ -15,10 +17,40 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from .errors import UsageError, shown
+
 __all__ = ["ENV_PREFIX", "Option", "RankVar", "LAUNCHER_OPTIONS", "SLURM_OPTIONS", "RESOLVED_RANK_VARS", "SLURM_KEYS",
-           "text", "whole_or_text", "rank_variables", "rank_settings", "options_from_run", "slurm_pass_through"]
+           "MAX_RANKS_PER_NODE", "text", "whole_or_text", "switch_value", "whole_number", "launcher_option",
+           "rank_variables", "rank_settings", "options_from_run", "slurm_pass_through"]
 
 ENV_PREFIX = "FASTLAUNCH_"
+MAX_RANKS_PER_NODE = 1024  # more ranks on one machine is a typo, not a plan
+_WEEK = 7 * 24 * 3600  # seconds: a longer wait is a typo (and overflows the timers it sets)
+_SWITCH_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def switch_value(value: object) -> bool | None:
+    """A switch's value: a bool, 0 or 1, or true/false, yes/no, on/off, 1/0 in any case; None for anything else."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    return _SWITCH_WORDS.get(value.strip().lower()) if isinstance(value, str) else None
+
+
+def whole_number(flag: str, value: object, low: int, high: int | None = None, why: str = "") -> int:
+    """An integer value from low to high, or a UsageError naming the flag."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            value = int(str(value))
+        except ValueError:
+            raise UsageError(f"{flag} takes a whole number", shown(value), f"e.g. {flag} {max(low, 2)}") from None
+    if value < low:
+        raise UsageError(f"{flag} must be at least {low}", value, f"e.g. {flag} {max(low, 2)}")
+    if high is not None and value > high:
+        raise UsageError(f"{flag} must be at most {high}", value,
+                         f"use {flag} {low} to {high}" + (f" ({why})" if why else ""))
+    return value
 
 
 def text(token: str) -> str:
@@ -63,13 +95,18 @@ class RankVar:
         """The value for DistEnv, or None to leave DistEnv's default."""
         if not raw.strip():
             return None
-        if self.kind == "flag":
-            return {"1": True, "0": False}.get(raw)
-        if self.kind == "int":
-            return int(raw)
+        found: Any = switch_value(raw) if self.kind == "flag" else raw
+        if self.kind in ("int", "count"):
+            try:
+                found = int(raw)
+            except ValueError:
+                found = None
+        if found is None:
+            what = "1 or 0" if self.kind == "flag" else "a whole number"
+            raise UsageError(f"{self.var} takes {what}", shown(raw), f"unset {self.var}: the launcher sets it")
         if self.kind == "count":
-            return int(raw) or None
-        return Path(raw) if self.kind == "path" else raw
+            return found or None
+        return Path(raw) if self.kind == "path" else found
 
 
 def _saved(key: str) -> Callable[[Mapping[str, Any]], Any]:
@@ -84,6 +121,19 @@ def _ranks_of(device_is_cpu: bool) -> Callable[[Mapping[str, Any]], Any]:
 def _node_span(saved: Mapping[str, Any]) -> str:
     lo, hi = saved.get("min_nodes", 1), saved.get("max_nodes", 1)
     return str(hi) if lo == hi else f"{lo}:{hi}"
+
+
+# Each kind of option: the YAML types a file may give it (never a bool but for a switch), what it takes as an
+# error line says it, and the hint ({k}: the key).
+_KINDS: dict[str, tuple[tuple[type, ...], str, str]] = {
+    "switch": ((), "true or false (or yes/no, on/off, 1/0)", "write {k}: true or {k}: false"),
+    "whole": ((int, str), "a whole number", "write {k}: N with N a whole number"),
+    "text": ((str, int, float), "text", "write {k}: VALUE on one line, quoted where YAML would read it otherwise "
+             "({k}: 'no')"),
+    "path": ((str, int, float), "a path", "write {k}: DIR, one path on one line"),
+    "literal": ((str,), "quoted text", "quote it, e.g. {k}: \"2:00:00\" (YAML reads an unquoted 2:00:00 as 7200 "
+                "seconds)"),
+}
 
 
 @dataclass(frozen=True)
@@ -102,10 +152,34 @@ class Option:
     slurm: bool = False  # `fastlaunch slurm` passes it on to the job's launch line
     label: str = ""  # the help's left column, when not "FLAG METAVAR"
     aliases: tuple[str, ...] = ()
+    # "switch", "whole", "text", "path" or "literal" (text a file must quote); "": from the default and parse
+    kind: str = ""
+    limits: tuple[int, int | None] = (0, None)  # a whole number's range
+    why_limit: str = ""  # said with the range when a value is above it
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            kind = "switch" if self.switch else "whole" if self.parse is whole_or_text else "text"
+            object.__setattr__(self, "kind", kind)
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    def number(self, value: object) -> int:
+        """A whole number within this option's limits, or a UsageError naming its flag."""
+        return whole_number(self.flag, value, *self.limits, why=self.why_limit)
+
+    def from_file(self, value: Any, source: str) -> Any:
+        """A value read from a YAML file (source names it) in this option's kind: a switch as a bool, a number
+        given for a text as text; anything else a UsageError naming the key, the value and the kind. Limits
+        are checked later, with the other sources' values (resolve.py)."""
+        types, what, hint = _KINDS[self.kind]
+        if self.kind == "switch" and switch_value(value) is not None:
+            return switch_value(value)
+        if isinstance(value, types) and not isinstance(value, bool) and str(value).isprintable():
+            return str(value) if self.kind in ("text", "path") else value
+        raise UsageError(f"{self.name} in {source} takes {what}", shown(value), hint.format(k=self.name))
 
     @property
     def switch(self) -> bool:
@@ -126,18 +200,20 @@ def _opt(name: str, default: Any, help: str, metavar: str = "", parse: Callable[
 
 LAUNCHER_OPTIONS: tuple[Option, ...] = (
     _opt("gpus", "auto", "ranks per node, one per GPU (default auto: every visible GPU;\n"
-         "with no usable GPU, 2 CPU ranks after saying why)", "N|auto", whole_or_text, from_run=_ranks_of(False)),
+         "with no usable GPU, 2 CPU ranks after saying why)", "N|auto", whole_or_text, from_run=_ranks_of(False),
+         limits=(1, MAX_RANKS_PER_NODE), why_limit="ranks per machine"),
     _opt("cpu", None, "N CPU ranks over gloo (GPUs, if any, are hidden from them)", "N", whole_or_text,
-         from_run=_ranks_of(True)),
+         from_run=_ranks_of(True), limits=(1, MAX_RANKS_PER_NODE), why_limit="ranks per machine"),
     _opt("precision", "no", "no | fp16 | bf16 (default no)", "P", env=("PRECISION", "precision", "text"),
          restore=True, slurm=True),
     _opt("run_dir", None, "run directory (default runs/<YYYYmmdd-HHMMSS>-<script stem>)", "DIR",
-         env=("RUN_DIR", "run_dir", "path")),
+         env=("RUN_DIR", "run_dir", "path"), kind="path"),
     _opt("port", None, "rendezvous port on 127.0.0.1 (default: a free one)", "P", whole_or_text),
     _opt("max_restarts", 0, "restart the ranks up to K times after a failure (default 0)", "K", whole_or_text,
          restore=True, slurm=True),
     _opt("seed", None, "seed for python, numpy and torch on every rank (default: random, recorded)", "S",
-         whole_or_text, env=("SEED", "seed", "int"), restore=True, slurm=True),
+         whole_or_text, env=("SEED", "seed", "int"), restore=True, slurm=True, limits=(0, 2**32 - 1),
+         why_limit="the range of PYTHONHASHSEED and numpy's seed"),
     _opt("verbose", False, "show the engine's own log lines"),
     _opt("keep_global_batch", False, "divide the script's batch size by the ranks, so bs stays the global batch\n"
          "(default: bs per rank, global batch = bs x ranks)", env=("KEEP_GLOBAL_BATCH", "keep_global_batch", "flag"),
@@ -153,17 +229,17 @@ LAUNCHER_OPTIONS: tuple[Option, ...] = (
          restore=True),
     _opt("rdzv_id", None, "job id shared by the machines (default fastlaunch)", "ID", section="nodes", restore=True),
     _opt("grace", 30, "seconds the ranks get to stop on SIGTERM/SIGUSR1 before they are killed\n(default 30)", "S",
-         whole_or_text, restore=True),
+         whole_or_text, restore=True, limits=(0, _WEEK), why_limit="7 days at most"),
     _opt("hang_timeout", 600, "a rank with no progress inside a fit for S seconds is named, its stack\n"
          "dumped into its log, and the job stopped (default 600; 0: off)", "S", whole_or_text,
-         env=("HANG_TIMEOUT", "hang_timeout", "int"), restore=True),
+         env=("HANG_TIMEOUT", "hang_timeout", "int"), restore=True, limits=(0, _WEEK), why_limit="7 days at most"),
     _opt("checkpoint_every", "none", "rank 0 checkpoints after every epoch into the run directory (default none)",
          "epoch|none", env=("CHECKPOINT_EVERY", "checkpoint_every", "text"), restore=True),
     _opt("keep_checkpoints", 2, "per-epoch checkpoints kept (default 2)", "K", whole_or_text,
-         env=("KEEP_CHECKPOINTS", "keep_checkpoints", "int"), restore=True),
+         env=("KEEP_CHECKPOINTS", "keep_checkpoints", "int"), restore=True, limits=(1, None)),
     _opt("resume", None, "continue that run from its newest checkpoint, mid-epoch if it stopped there\n"
          "(script, arguments and flags come from RUN_DIR/launch.yaml unless given)", "RUN_DIR",
-         env=("RESUME", "resume_from", "path")),
+         env=("RESUME", "resume_from", "path"), kind="path"),
     _opt("auto_resume", False, "for jobs a scheduler requeues: every start uses --run-dir, and a start that\n"
          "finds a checkpoint there resumes from the newest (fastlaunch slurm sets it)"),
     _opt("max_requeues", None, "with --auto-resume: starts after the first, at most (default 3)", "N",
@@ -171,32 +247,41 @@ LAUNCHER_OPTIONS: tuple[Option, ...] = (
     _opt("no_instrument", False, "no per-rank metrics and no report (on by default)",
          env=("INSTRUMENT", "instrument", "flag")),
     _opt("config", None, "a YAML launch config with these flags' names as keys (flags given here win)", "FILE",
-         config_key=False),
+         config_key=False, kind="path"),
     _opt("accelerate_config", None, "take ranks, machines and precision from an accelerate config", "FILE",
-         config_key=False),
+         config_key=False, kind="path"),
 )
 
 # Facts the launcher works out (not options) that travel to the ranks too.
 RESOLVED_RANK_VARS: tuple[RankVar, ...] = (RankVar("DEVICE", "device", "text", dist_field="device_type"),
-                                           RankVar("CPUS_PER_RANK", "cpus_per_rank", "count"))
+                                           RankVar("CPUS_PER_RANK", "cpus_per_rank", "count"),
+                                           RankVar("NODE_CORES", "node_cores", "count"))
 
 # `fastlaunch slurm`'s own options; it also takes the launcher options marked slurm=True.
 SLURM_OPTIONS: tuple[Option, ...] = (
-    _opt("nodes", 1, "machines (default 1)", "N", whole_or_text),
+    _opt("nodes", 1, "machines (default 1)", "N", whole_or_text, limits=(1, None)),
     _opt("gpus", None, "ranks per node: GPUs per node, or CPU ranks per node", "G", whole_or_text,
-         label="--gpus G | --cpu C"),
-    _opt("cpu", None, "", "C", whole_or_text),
-    _opt("time", None, "time limit (e.g. 2:00:00 or 1-00:00:00)", "T"),
+         label="--gpus G | --cpu C", limits=(1, MAX_RANKS_PER_NODE), why_limit="ranks per machine"),
+    _opt("cpu", None, "", "C", whole_or_text, limits=(1, MAX_RANKS_PER_NODE), why_limit="ranks per machine"),
+    _opt("time", None, "time limit (e.g. 2:00:00 or 1-00:00:00)", "T", kind="literal"),
     _opt("partition", None, "partition to submit to", "P"),
-    _opt("cpus_per_rank", None, "cores per rank (default: the partition's cores per node / ranks, or 4\nwhere Slurm cannot be asked): the task asks for ranks x C", "C", whole_or_text),
-    _opt("grace", 90, "seconds of warning before the time limit (USR1, default 90)", "S", whole_or_text),
+    _opt("cpus_per_rank", None, "cores per rank (default: the partition's cores per node / ranks, or 4\nwhere Slurm cannot be asked): the task asks for ranks x C", "C", whole_or_text,
+         limits=(1, None)),
+    _opt("grace", 90, "seconds of warning before the time limit (USR1, default 90)", "S", whole_or_text,
+         limits=(0, 65535), why_limit="Slurm's --signal takes no more"),
     _opt("job_name", None, "default: the script's stem", "NAME"),
-    _opt("config", None, "a YAML launch config (these keys and the launcher's)", "FILE", config_key=False),
+    _opt("config", None, "a YAML launch config (these keys and the launcher's)", "FILE", config_key=False,
+         kind="path"),
     _opt("submit", False, "submit it with sbatch and print the job id instead", config_key=False),
 )
 # Keys a launch config may also hold for `fastlaunch slurm` (the job script, not the launch itself);
 # gpus and cpu are launcher keys already.
 SLURM_KEYS = tuple(o.name for o in SLURM_OPTIONS if o.config_key and o.name not in ("gpus", "cpu"))
+
+
+def launcher_option(name: str) -> Option:
+    """The launcher's option of that name."""
+    return next(o for o in LAUNCHER_OPTIONS if o.name == name)
 
 
 def _rank_vars() -> tuple[RankVar, ...]:

@@ -69,7 +69,7 @@ def _config(**changes) -> LaunchConfig:
 
 
 def test_every_rank_variable_round_trips(tmp_path):
-    cfg = _config(run_dir=tmp_path, seed=11, precision=Precision.BF16, device="cuda", cpus_per_rank=5,
+    cfg = _config(run_dir=tmp_path, seed=11, precision=Precision.BF16, device="cuda", cpus_per_rank=5, node_cores=10,
                   keep_global_batch=True, sync_bn=True, hang_timeout=7, checkpoint_every="epoch",
                   keep_checkpoints=3, resume_from=tmp_path / "c.pt", instrument=False)
     env = cfg.to_env(base={}, launcher_pid=1)

@@ -17,7 +17,7 @@ from typing import Callable
 
 import yaml
 
-from ..errors import UsageError
+from ..errors import UsageError, shown
 
 __all__ = ["resume_source", "newest_checkpoint", "node_dir", "previous_start", "check_requeues", "archive_logs",
            "FINISHED"]
@@ -74,12 +74,29 @@ def node_dir(job_dir: Path, multi_node: bool, node_rank: int | None) -> Path:
 
 
 def previous_start(folder: Path) -> int | None:
-    """The number of the last start that used this directory (0 for the first), or None if none did."""
+    """The number of the last start that used this directory (0 for the first), or None if none did; a
+    UsageError when its launch.yaml cannot say (every requeue of the job would fail alike)."""
+    path = folder / "launch.yaml"
     try:
-        saved = yaml.safe_load((folder / "launch.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError:
         return None
-    return int(saved.get("start", 0)) if isinstance(saved, dict) else None
+    except UnicodeDecodeError as err:
+        raise _broken(path, f"not UTF-8 text (byte {err.start})") from None
+    except (yaml.YAMLError, ValueError, RecursionError):
+        raise _broken(path, "not valid YAML") from None
+    if not isinstance(saved, dict):
+        raise _broken(path, f"not key: value pairs ({type(saved).__name__})")
+    start = saved.get("start", 0)
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise _broken(path, f"start: {shown(start)}, not a whole number of at least 0")
+    return start
+
+
+def _broken(path: Path, why: str) -> UsageError:
+    return UsageError("the run directory's launch.yaml cannot say which start of the job this is", f"{path}: {why}",
+                      f"fix its start: line, or remove {path} to count this start as the first (or start the job "
+                      "afresh with another --run-dir)")
 
 
 def check_requeues(folder: Path, start: int, max_requeues: int) -> None:

@@ -8,7 +8,12 @@ from statistics import mean, median
 from ..advice import data_wait_advice
 from ..records import BY_DESIGN
 
-__all__ = ["diagnose"]
+__all__ = ["diagnose", "STRAGGLER_RATIO", "STRAGGLER_MIN_S"]
+
+# A straggler works more than STRAGGLER_RATIO times the median rank's time per step AND at least STRAGGLER_MIN_S
+# more: 21% of 3 ms is noise (a busy core, a timer's resolution), not a rank worth naming.
+STRAGGLER_RATIO = 1.2
+STRAGGLER_MIN_S = 0.005
 
 
 def _by_rank(records: list[dict]) -> dict[int, list[dict]]:
@@ -82,11 +87,35 @@ def diagnose(records: list[dict], missing: Sequence[int] = (), last_epoch: dict 
             found.append(f"rank {rank} trained on cpu while {last['visible_gpus']} GPUs are visible: "
                          "use --gpus N (not --cpu)")
     if len(ranks) > 1:
+        crowded = _oversubscribed(ranks)
+        found += crowded.values()
         work = {rank: mean(r["work_time"] for r in recs) for rank, recs in ranks.items()}
         mid = median(work.values())
         for rank, value in sorted(work.items()):
-            if mid > 0 and value > 1.2 * mid:
+            if ranks[rank][-1].get("node", 0) in crowded:
+                continue  # ranks that take turns on too few cores: their times name no straggler
+            if mid > 0 and value > STRAGGLER_RATIO * mid and value - mid >= STRAGGLER_MIN_S:
                 found.append(f"rank {rank} steps {value / mid - 1:.0%} slower than the median "
-                             f"({value * 1000:.0f} ms of work per step against {mid * 1000:.0f} ms): the others wait "
+                             f"({value * 1000:.1f} ms of work per step against {mid * 1000:.1f} ms): the others wait "
                              "for it at every gradient all-reduce; look at its machine, data or callbacks")
     return found
+
+
+def _oversubscribed(ranks: dict[int, list[dict]]) -> dict[int, str]:
+    """Machines whose CPU ranks outnumber its cores (node_cores, recorded by each rank): node -> the diagnosis."""
+    nodes: dict[int, tuple[set[int], int]] = {}
+    for rank, recs in ranks.items():
+        last = recs[-1]
+        if last.get("device") == "cpu" and last.get("node_cores"):
+            seen, cores = nodes.get(last.get("node", 0), (set(), 0))
+            nodes[last.get("node", 0)] = (seen | {rank}, max(cores, int(last["node_cores"])))
+    several = len({r[-1].get("node", 0) for r in ranks.values()}) > 1
+    out = {}
+    for node, (seen, cores) in sorted(nodes.items()):
+        local = max([len(seen)] + [int(ranks[r][-1].get("local_ranks") or 0) for r in seen])
+        if local > cores:
+            where = f"node {node} " if several else ""
+            out[node] = (f"{where}oversubscribed: {local} ranks on {cores} cores: the ranks take turns on the cores, "
+                         "so their step times vary and name no straggler; use --cpu "
+                         f"{cores} or fewer on this machine")
+    return out

@@ -9,23 +9,31 @@ from typing import Any, Callable, Mapping
 from ..config import LaunchConfig, Precision
 from ..device import GpuProbe, bf16_supported, probe_gpus, usable_cores
 from ..env import SlurmFacts, launcher_environ
-from ..errors import UsageError
+from ..errors import UsageError, shown
 from ..lines import launcher_line
 from ..notebooks import code_cells, is_notebook
+from ..option_table import launcher_option, switch_value, whole_number
 
 __all__ = ["build_config", "count"]
 
 
-def count(flag: str, value: object, minimum: int) -> int:
-    """An integer flag value >= minimum, or a UsageError naming the flag."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        try:
-            value = int(str(value))
-        except ValueError:
-            raise UsageError(f"{flag} takes a whole number", value, f"e.g. {flag} {max(minimum, 2)}") from None
-    if value < minimum:
-        raise UsageError(f"{flag} must be at least {minimum}", value, f"e.g. {flag} {max(minimum, 2)}")
-    return value
+def count(flag: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    """An integer flag value from minimum to maximum, or a UsageError naming the flag."""
+    return whole_number(flag, value, minimum, maximum)
+
+
+def _whole(opts: Mapping[str, Any], name: str) -> int:
+    """A whole-number option within the limits the option table gives it."""
+    return launcher_option(name).number(opts[name])
+
+
+def _switch(opts: Mapping[str, Any], name: str) -> bool:
+    """A switch's value, from a flag, a file or a resumed run alike."""
+    found = switch_value(opts[name])
+    if found is None:
+        flag = launcher_option(name).flag
+        raise UsageError(f"{flag} takes true or false", shown(opts[name]), f"give {flag} alone, or leave it out")
+    return found
 
 
 def _ranks(opts: dict, probe: Callable[[], GpuProbe], cores: int, slurm_gpus: int | None) -> tuple[int, str, list]:
@@ -36,10 +44,10 @@ def _ranks(opts: dict, probe: Callable[[], GpuProbe], cores: int, slurm_gpus: in
         if explicit_gpus:
             raise UsageError("--gpus and --cpu both given", f"--gpus {gpus} --cpu {cpu}",
                              "use --gpus N for GPU ranks or --cpu N for CPU ranks, not both")
-        return count("--cpu", cpu, 1), "cpu", []
+        return launcher_option("cpu").number(cpu), "cpu", []
     found = probe()
     if explicit_gpus:
-        wanted = count("--gpus", gpus, 1)
+        wanted = launcher_option("gpus").number(gpus)
         if slurm_gpus is not None and slurm_gpus < wanted:
             raise UsageError("--gpus asks for more GPUs than Slurm allocated on this node",
                              f"--gpus {wanted}, SLURM_GPUS_ON_NODE={slurm_gpus}",
@@ -92,7 +100,7 @@ def _nodes(opts: dict, given_nnodes: bool, slurm: SlurmFacts | None,
         return dict(min_nodes=slurm.nnodes, max_nodes=slurm.nnodes, node_rank=slurm.node_id,
                     rdzv_endpoint=resolve_endpoint(slurm), rdzv_id=f"slurm-{slurm.job_id}")
     lo, hi = _node_range(opts["nnodes"])
-    node_rank = None if opts["node_rank"] is None else count("--node-rank", opts["node_rank"], 0)
+    node_rank = None if opts["node_rank"] is None else _whole(opts, "node_rank")
     if hi == 1:
         return dict(min_nodes=1, max_nodes=1, node_rank=None, rdzv_endpoint=None, rdzv_id="fastlaunch")
     if not opts["rdzv_endpoint"]:
@@ -165,8 +173,8 @@ def build_config(opts: dict, given: set[str], script: str, script_args: list[str
     _check_script(path, script)
     notes = _check_not_nested(environ)
     precision = Precision.parse(opts["precision"])
-    max_restarts = count("--max-restarts", opts["max_restarts"], 0)
-    port = None if opts["port"] is None else count("--port", opts["port"], 0)
+    max_restarts = _whole(opts, "max_restarts")
+    port = None if opts["port"] is None else _whole(opts, "port")
     if port is not None and port > 65535:
         raise UsageError("--port is out of range", port, "use a port from 1024 to 65535, or leave it out")
     slurm = SlurmFacts.from_environ(environ)
@@ -176,35 +184,36 @@ def build_config(opts: dict, given: set[str], script: str, script_args: list[str
         resolve_endpoint = rendezvous_endpoint
     nodes = _nodes(opts, "nnodes" in given, slurm, resolve_endpoint)
     if opts["seed"] is not None:
-        seed = count("--seed", opts["seed"], 0)
+        seed = _whole(opts, "seed")
     elif nodes["max_nodes"] > 1:  # every node must draw the same seed: derive it from what they share
         seed = zlib.crc32(f"{nodes['rdzv_id']}|{nodes['rdzv_endpoint']}".encode()) % 2**31
     else:
         seed = secrets.randbelow(2**31)
     cores = usable_cores() if cores is None else cores
     nproc, device, rank_notes = _ranks(opts, probe, cores, slurm.gpus_on_node if slurm else None)
-    grace = count("--grace", opts["grace"], 0)
+    grace = _whole(opts, "grace")
     every = str(opts["checkpoint_every"]).lower()
     if every not in ("epoch", "none"):
         raise UsageError("--checkpoint-every takes epoch or none", opts["checkpoint_every"],
                          "use --checkpoint-every epoch")
     resume_from = _resume_checkpoint(opts["resume"])
-    hang_timeout = count("--hang-timeout", opts["hang_timeout"], 0)
+    hang_timeout = _whole(opts, "hang_timeout")
     if precision is Precision.BF16 and device == "cuda" and not bf16_probe():
         raise UsageError("--precision bf16 on GPUs without bf16 support", "--precision bf16",
                          "use --precision fp16 on these GPUs")
-    if opts["sync_bn"] and device != "cuda":
+    if _switch(opts, "sync_bn") and device != "cuda":
         raise UsageError("--sync-bn needs GPUs: gloo cannot synchronise BatchNorm across CPU ranks",
                          f"--sync-bn with {nproc} CPU rank(s)", "leave --sync-bn out on CPU, or use --gpus N")
     run_dir = Path(str(opts["run_dir"])).resolve() if opts["run_dir"] else None
     return LaunchConfig(
         script=path.resolve(), script_args=tuple(script_args), nproc_per_node=nproc, device=device,
         run_dir=run_dir, seed=seed, precision=precision, port=port, max_restarts=max_restarts,
-        verbose=bool(opts["verbose"]), cpus_per_rank=max(1, cores // nproc),
-        keep_global_batch=bool(opts["keep_global_batch"]), sync_bn=bool(opts["sync_bn"]),
+        verbose=_switch(opts, "verbose"), cpus_per_rank=max(1, cores // nproc), node_cores=cores,
+        keep_global_batch=_switch(opts, "keep_global_batch"), sync_bn=_switch(opts, "sync_bn"),
         notes=tuple(notes + rank_notes), grace=grace,
         hang_timeout=hang_timeout, checkpoint_every=every,
-        keep_checkpoints=count("--keep-checkpoints", opts["keep_checkpoints"], 1), resume_from=resume_from,
-        auto_resume=bool(opts["auto_resume"]), max_requeues=3 if opts["max_requeues"] is None else count("--max-requeues", opts["max_requeues"], 0),
-        instrument=not opts["no_instrument"], **nodes,
+        keep_checkpoints=_whole(opts, "keep_checkpoints"), resume_from=resume_from,
+        auto_resume=_switch(opts, "auto_resume"),
+        max_requeues=3 if opts["max_requeues"] is None else _whole(opts, "max_requeues"),
+        instrument=not _switch(opts, "no_instrument"), **nodes,
     )

@@ -36,6 +36,7 @@ __all__ = ["Session", "SessionOver", "Refused"]
 
 _READY_GUARD_S = 900.0  # a hang guard for the ranks' start (imports, rendezvous), not a timing
 _STOP_WAIT_S = 30.0
+_INTERRUPT_GRACE_S = 10.0  # after an interrupt, how long ranks that stopped wait for the others (a guard)
 _PR_SET_PDEATHSIG = 1
 # The launcher's summary of how the ranks ended (launcher/outcome.py): a failure, a hang, a signal.
 _SUMMARY = re.compile(r"^(rank \d+ (failed|also failed|stopped)|.* hung: |interrupted|SIG\w+ received|"
@@ -188,7 +189,10 @@ class Session:
         rank_zero_idle = relay is None
         told = False
         first_reply_at: float | None = None
+        interrupted_at: float | None = None
         while not (rank_zero_idle and all(r is not None for r in replies)):
+            if interrupted_at is not None and time.monotonic() - interrupted_at > _INTERRUPT_GRACE_S:
+                self._end_waiting(replies)
             try:
                 ready = dict(poller.poll(200))
                 for socket in ready:
@@ -213,9 +217,30 @@ class Session:
                           "still run it: if they wait for the failed ones, interrupt the kernel", file=sys.stderr)
             except KeyboardInterrupt:  # the notebook's interrupt button: every rank stops at one batch
                 self.interrupt()
+                interrupted_at = interrupted_at or time.monotonic()
         for socket in channels:
             poller.unregister(socket)
         return CellOutcome([r or {} for r in replies], relay.result if relay is not None else None)
+
+    def _end_waiting(self, replies: list) -> None:
+        """After an interrupt, ranks still busy while others stopped wait in a collective for them, where no
+        signal reaches Python: end the world (every variable is lost) rather than freeze the notebook."""
+        waiting = [i for i, r in enumerate(replies) if r is None]
+        stopped = [i for i, r in enumerate(replies) if r is not None]
+        if not stopped:
+            return  # no rank stopped yet: every one is still busy (a long native call); keep waiting
+        for rank in waiting:
+            try:
+                os.kill(self.pids[rank], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            self.process.wait(timeout=_STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        shutil.rmtree(self.kernels, ignore_errors=True)
+        raise SessionOver(f"after the interrupt rank(s) {', '.join(map(str, waiting))} still waited (in a collective, "
+                          f"for rank(s) {', '.join(map(str, stopped))}, which stopped): the session's world was ended")
 
     def interrupt(self) -> None:
         for pid in self.pids:

@@ -9,12 +9,17 @@ from string import Template
 from typing import Callable, Sequence
 
 from ...env import SlurmFacts
+from ...errors import UsageError, shown
 from ...resources import data_path
 
 __all__ = ["parse_nodelist", "node_addr", "job_port", "rendezvous_endpoint", "SbatchSpec", "render_sbatch",
-           "JOB_RUN_DIR"]
+           "check_spec", "DIRECTIVE_SAFE", "JOB_RUN_DIR"]
 
 JOB_RUN_DIR = "runs/slurm-${SLURM_JOB_ID}"  # relative to the job's --chdir (the submit directory)
+# What a `#SBATCH --key=VALUE` value may hold as written: no space (sbatch splits the line there and reads the
+# rest as more directives), no quote, backslash or # (sbatch's own quoting and comments), nothing the shell
+# would read either.
+DIRECTIVE_SAFE = re.compile(r"[\w.,:@%+=/-]+")
 
 
 def _split_top(text: str) -> list[str]:
@@ -102,12 +107,34 @@ def _template() -> Template:
     return Template(data_path("launch_configs", "slurm", "job.sbatch").read_text())
 
 
+def check_spec(spec: SbatchSpec) -> None:
+    """Every value the job script carries stays one value: no line breaks or NUL anywhere (a new line of a job
+    script is a command), and directive values only of DIRECTIVE_SAFE's characters."""
+    values = [("--job-name", spec.job_name), ("--partition", spec.partition or ""), ("--time", spec.time),
+              ("the working directory (--chdir)", spec.workdir), ("the python interpreter's path", spec.python),
+              ("the script path", spec.script), *(("a script argument", a) for a in spec.script_args),
+              *(("a flag passed on to fastlaunch", f) for f in spec.launcher_flags)]
+    for what, value in values:
+        if any(c in value for c in "\n\r\0"):
+            raise UsageError(f"{what} holds a line break or NUL, which would end its line of the job script",
+                             shown(value), "give it on one line, without control characters")
+    for flag, value in values[:3]:
+        if value and not DIRECTIVE_SAFE.fullmatch(value):
+            raise UsageError(f"{flag} holds a space or a character an #SBATCH line cannot carry", shown(value),
+                             "use letters, digits and . , : @ % + = / - _ only")
+    if "\\" in spec.workdir:
+        raise UsageError("the working directory (--chdir) holds a backslash, which sbatch reads as an escape",
+                         shown(spec.workdir), "render the job from a directory whose path has no backslash")
+
+
 def render_sbatch(spec: SbatchSpec) -> str:
-    """A ready-to-submit job script: a pure function of the spec (checked against golden files)."""
+    """A ready-to-submit job script: a pure function of the spec (checked against golden files). Every path
+    and argument is shell-quoted (sbatch reads quotes on #SBATCH lines as the shell does)."""
+    check_spec(spec)
     quote = shlex.join
     directives = [f"--job-name={spec.job_name}", f"--nodes={spec.nodes}", "--ntasks-per-node=1",
                   f"--cpus-per-task={spec.ranks_per_node * spec.cpus_per_rank}", f"--time={spec.time}",
-                  f"--signal=USR1@{spec.grace}", "--requeue", f"--chdir={spec.workdir}",
+                  f"--signal=USR1@{spec.grace}", "--requeue", f"--chdir={shlex.quote(spec.workdir)}",
                   "--output=slurm-%j.out"]
     if spec.use_gpus:
         directives.insert(3, f"--gpus-per-node={spec.ranks_per_node}")
@@ -116,8 +143,9 @@ def render_sbatch(spec: SbatchSpec) -> str:
     ranks = f"--gpus {spec.ranks_per_node}" if spec.use_gpus else f"--cpu {spec.ranks_per_node}"
     # Every start of the job (the first and each requeue) uses one run directory and resumes from its newest
     # checkpoint (autoresume.py); the shell expands the job id.
+    script = ["--"] if spec.script.startswith("-") else []  # a script named like a flag stays the script
     command = " ".join([quote([spec.python, "-m", "fastlaunch", *ranks.split(), *spec.launcher_flags]),
-                        f'--run-dir "{JOB_RUN_DIR}" --auto-resume', quote([spec.script, *spec.script_args])])
+                        f'--run-dir "{JOB_RUN_DIR}" --auto-resume', quote([*script, spec.script, *spec.script_args])])
     return _template().substitute(
         directives="\n".join(f"#SBATCH {d}" for d in directives),
         command=command,

@@ -8,13 +8,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from ...errors import UsageError
+from ...errors import UsageError, shown
 from ...option_table import LAUNCHER_OPTIONS, SLURM_KEYS, SLURM_OPTIONS, Option, slurm_pass_through
 from ...launcher.options import load_launch_file
 from ...launcher.parsing import option_rows, parse_flags, split_argv, switch_flags, value_flags, wants_help
-from ...launcher.resolve import count
 from .partition import NodeShape, check_fits, default_cpus_per_rank, probe_partition
-from .slurm import SbatchSpec, render_sbatch, submit
+from .slurm import DIRECTIVE_SAFE, SbatchSpec, render_sbatch, submit
 from ...lines import launcher_line
 
 __all__ = ["slurm_main", "spec_from_options", "SLURM_HELP", "OPTIONS"]
@@ -23,7 +22,8 @@ __all__ = ["slurm_main", "spec_from_options", "SLURM_HELP", "OPTIONS"]
 _PASSED_ON = tuple(o for o in LAUNCHER_OPTIONS if o.slurm)
 OPTIONS: tuple[Option, ...] = SLURM_OPTIONS + tuple(replace(o, default=False if o.switch else None) for o in _PASSED_ON)
 _DEFAULTS: dict[str, Any] = {o.name: o.default for o in OPTIONS}
-_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+_TIME = re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}")
 
 SLURM_HELP = f"""\
 usage: fastlaunch slurm --nodes N (--gpus G | --cpu C) --time T [options] SCRIPT [script arguments...]
@@ -64,19 +64,30 @@ def spec_from_options(opts: dict[str, Any], script: str, script_args: Sequence[s
     if opts["gpus"] is None and opts["cpu"] is None:
         raise UsageError("ranks per node not given", "neither --gpus nor --cpu", "add --gpus G (GPUs per node) or --cpu C")
     use_gpus = opts["gpus"] is not None
-    ranks = count("--gpus" if use_gpus else "--cpu", opts["gpus"] if use_gpus else opts["cpu"], 1)
+    ranks = _number(opts, "gpus" if use_gpus else "cpu")
     time = str(opts["time"] or "")
-    if not _TIME.match(time):
-        raise UsageError("--time is not a Slurm time limit", time or "nothing", "e.g. --time 2:00:00 or 1-00:00:00")
+    if not _TIME.fullmatch(time):
+        raise UsageError("--time is not a Slurm time limit", shown(time or "nothing"),
+                         "e.g. --time 2:00:00 or 1-00:00:00")
+    for option in _PASSED_ON:  # checked here as the job's launcher will, so that a bad one never waits in the queue
+        if opts[option.name] is not None and option.kind == "whole":
+            option.number(opts[option.name])
     flags = slurm_pass_through(opts)
-    cpus = (count("--cpus-per-rank", opts["cpus_per_rank"], 1) if opts["cpus_per_rank"] is not None
+    cpus = (_number(opts, "cpus_per_rank") if opts["cpus_per_rank"] is not None
             else default_cpus_per_rank(shape, ranks))
     check_fits(shape, ranks, cpus, use_gpus, opts["partition"])
-    return SbatchSpec(nodes=count("--nodes", opts["nodes"], 1), ranks_per_node=ranks, use_gpus=use_gpus, time=time,
+    # the script's stem names the job unless --job-name does: what an #SBATCH line cannot carry becomes _
+    name = str(opts["job_name"]) if opts["job_name"] else "_".join(DIRECTIVE_SAFE.findall(Path(script).stem)) or "job"
+    return SbatchSpec(nodes=_number(opts, "nodes"), ranks_per_node=ranks, use_gpus=use_gpus, time=time,
                       script=script, script_args=tuple(script_args), python=python,
-                      workdir=workdir or os.getcwd(), job_name=str(opts["job_name"] or Path(script).stem),
-                      partition=opts["partition"], cpus_per_rank=cpus,
-                      grace=count("--grace", opts["grace"], 0), launcher_flags=tuple(flags))
+                      workdir=workdir or os.getcwd(), job_name=name,
+                      partition=str(opts["partition"]) if opts["partition"] else None, cpus_per_rank=cpus,
+                      grace=_number(opts, "grace"), launcher_flags=tuple(flags))
+
+
+def _number(opts: dict[str, Any], name: str) -> int:
+    """A whole-number option within the limits the option table gives it."""
+    return _BY_NAME[name].number(opts[name])
 
 
 def slurm_main(argv: Sequence[str]) -> int:
