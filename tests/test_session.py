@@ -322,3 +322,20 @@ def test_the_extension_needs_an_ipython_shell():
 
     with pytest.raises(UsageError, match="need an IPython kernel.*HINT"):
         fastlaunch.load_ipython_extension(object())
+
+
+def test_a_new_kernel_folder_is_private_and_dead_sessions_folders_go(tmp_path, monkeypatch):
+    import tempfile
+
+    from fastlaunch.session.folder import new_kernel_folder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale, live = tmp_path / "fastlaunch-session-old", tmp_path / "fastlaunch-session-live"
+    for folder, pid in ((stale, dead.pid), (live, os.getpid())):
+        folder.mkdir()
+        (folder / "rank0.ready.json").write_text(json.dumps({"pid": pid, "connection_file": "x"}))
+    made = new_kernel_folder()
+    assert made.parent == tmp_path and (made.stat().st_mode & 0o777) == 0o700 and not list(made.iterdir())
+    assert not stale.exists() and live.exists()

@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +29,7 @@ from typing import Any, Callable
 import yaml
 
 from ..notebooks import FACTS_EXPRESSION, ready_path
+from .folder import new_kernel_folder
 from .relay import CellOutcome, Relay
 
 __all__ = ["Session", "SessionOver", "Refused"]
@@ -91,7 +91,7 @@ class Session:
         """Start the ranks and connect to each; a UsageError (the launcher's own line) if it refuses."""
         log = run_dir / "launcher.log"
         # fresh, 0700, this user's (mkdtemp), outside the run directory, which others may be able to read
-        kernels = Path(tempfile.mkdtemp(prefix="fastlaunch-session-"))
+        kernels = new_kernel_folder()
         command = [sys.executable, "-m", "fastlaunch", *tokens, "--run-dir", str(run_dir), _kernel_file(),
                    str(kernels)]
         try:
