@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import re
+import shutil
 import struct
 import threading
 import time
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["Beat", "CallSite", "Heartbeat", "NoHeartbeat", "read_beats", "progress_file", "create", "open_slot", "SLOT",
-           "IN_FIT", "WAITING", "REACHED_GROUP", "JOINING_GROUP", "IN_COLLECTIVE"]
+           "IN_FIT", "WAITING", "REACHED_GROUP", "JOINING_GROUP", "IN_COLLECTIVE", "filesystem_of", "space_left"]
 
 # time, counter, pid, global rank, epoch, iter, flags (1: in a fit, 2: waiting in a known wait,
 # 4: reached the process group, 8: joining it, i.e. waiting for its peers, 16: inside a collective), event name
@@ -148,10 +150,44 @@ class Heartbeat:
 
 
 def create(path: Path, local_ranks: int) -> None:
-    """The launcher makes the zeroed file before the ranks start."""
+    """The launcher makes the zeroed file before the ranks start, its bytes allocated for real: a full disk
+    is an OSError here, never a SIGBUS in a rank when a beat touches a page of the mapping."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    size = SLOT * local_ranks
     with open(path, "wb") as fh:
-        fh.truncate(SLOT * local_ranks)
+        fh.write(bytes(size))
+        fh.flush()
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fh.fileno(), 0, size)
+        os.fsync(fh.fileno())
+
+
+def filesystem_of(path: Path) -> tuple[str, int]:
+    """(the device that holds path, as `DEVICE at MOUNT`; its free bytes): for the one line of a full disk."""
+    where = Path(os.path.realpath(path))
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = -1
+    mount = where
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    device = str(mount)
+    with contextlib.suppress(OSError):
+        with open("/proc/self/mounts") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) > 1 and re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[1]) == str(mount):
+                    device = f"{fields[0]} at {mount}"  # the last mount of a point is the one in use
+    return device, free
+
+
+def space_left(path: Path) -> str:
+    """`N bytes free on DEVICE at MOUNT`, for the filesystem that holds path."""
+    device, free = filesystem_of(path)
+    return f"{free if free >= 0 else 'unknown'} bytes free on {device}"
 
 
 def read_beats(path: Path) -> list[Beat]:

@@ -3,6 +3,7 @@ one, a write that fails keeps the previous one, and nothing is created world-wri
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -114,8 +115,8 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_previous(
     monkeypatch.setattr(torch, "save", failing)
     assert checkpoint.save(_state(2), run_dir, "preempt") is None
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"fastlaunch: could not write checkpoint {good}: {words} (about 0 MB needed); "
-                   "the previous checkpoint is kept"]
+    assert len(err) == 1 and err[0].startswith(f"fastlaunch: could not write checkpoint {good}: {words} (") \
+        and " bytes free on " in err[0] and err[0].endswith("about 0 MB needed); the previous checkpoint is kept"), err
     monkeypatch.undo()
     assert checkpoint.latest(run_dir) == good and checkpoint.load(good)["epoch"] == 1
 
@@ -175,3 +176,126 @@ def test_a_broken_launch_yaml_under_resume_is_a_hint_error(run_dir, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fastlaunch: error: the run's launch.yaml is broken (got ") \
         and "HINT: " in err[0], err
+
+
+def test_a_checkpoint_swapped_after_the_launcher_verified_it_is_refused_where_it_is_loaded(run_dir, tmp_path):
+    good = checkpoint.save(_state(1), run_dir, "epoch0-0")
+    assert checkpoint.latest(run_dir) == good  # what the launcher checked
+    other = tmp_path / "other.pt"
+    torch.save({**_state(7), "model": {"w": torch.full((10,), 7.0)}}, other)  # a valid torch file, plain data
+    os.replace(other, good)
+    with pytest.raises(checkpoint.BadCheckpoint, match="its hash differs from its manifest"):
+        checkpoint.load(good)
+
+
+def test_a_checkpoint_is_read_once_and_the_bytes_hashed_are_the_bytes_loaded(run_dir, monkeypatch):
+    good = checkpoint.save(_state(1), run_dir, "epoch0-0")
+    opened = []
+    real_open = os.open
+
+    def counting(path, *args, **kwargs):
+        opened.append(os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counting)
+    assert checkpoint.load(good)["epoch"] == 1
+    assert opened.count(str(good)) == 1
+
+
+def _manifest_text(good, value) -> str:
+    manifest = json.loads(good.with_suffix(".json").read_text())
+    if isinstance(value, dict):
+        return json.dumps({**manifest, **value})
+    return value
+
+
+@pytest.mark.parametrize("bad, why", [
+    ({"epoch": "3"}, "its manifest is malformed (epoch is '3')"),
+    ({"sha256": 5}, "its manifest is malformed (sha256 is 5)"),
+    ({"size": "x"}, "its manifest is malformed (size is 'x')"),
+    ({"fit_index": True}, "its manifest is malformed (fit_index is True)"),
+    ({"iter": -1}, "its manifest is malformed (iter is -1)"),
+    ({"time": None}, "its manifest is malformed (time is None)"),
+    ({"run": ["x"]}, "its manifest is malformed (run is ['x'])"),
+    ({"sha256": "not a hash"}, "its manifest is malformed (sha256: not a SHA-256 in hex)"),
+    ("[1, 2, 3]", "its manifest is malformed (a list, not an object)"),
+    ('"a string"', "its manifest is malformed (a str, not an object)"),
+    ("[" * 100_000 + "]" * 100_000, "its manifest is missing or unreadable"),
+    ('{"a": ' * 50_000 + "1" + "}" * 50_000, "its manifest is missing or unreadable"),
+])
+def test_a_manifest_of_the_wrong_shape_is_one_line_and_skipped_never_a_traceback(run_dir, bad, why):
+    good = checkpoint.save(_state(1), run_dir, "epoch0-0")
+    newest = checkpoint.save(_state(2), run_dir, "epoch0-1")
+    newest.with_suffix(".json").write_text(_manifest_text(good, bad))
+    said = []
+    assert checkpoint.latest(run_dir, say=said.append) == good
+    assert said == [f"fastlaunch: skipping checkpoint {newest}: {why}"], said
+    for read in (checkpoint.manifest_of, checkpoint.load, lambda p: checkpoint.verify(p, run_dir)):
+        with pytest.raises(checkpoint.BadCheckpoint, match="its manifest is"):
+            read(newest)
+
+
+def test_auto_resume_skips_a_malformed_manifest_in_one_line(run_dir):
+    from fastlaunch.launcher.autoresume import newest_checkpoint
+
+    good = checkpoint.save(_state(1), run_dir, "epoch0-0")
+    newest = checkpoint.save(_state(2), run_dir, "epoch0-1")
+    newest.with_suffix(".json").write_text(_manifest_text(good, {"epoch": "3"}))
+    said = []
+    assert newest_checkpoint(run_dir, say=said.append) == good
+    assert len(said) == 1 and "its manifest is malformed" in said[0]
+
+
+@pytest.mark.parametrize("planted", ["model file", "manifest"])
+def test_a_symbolic_link_planted_as_a_checkpoint_file_is_refused_in_one_line(run_dir, tmp_path, planted):
+    good = checkpoint.save(_state(1), run_dir, "epoch0-0")
+    newest = checkpoint.save(_state(2), run_dir, "epoch0-1")  # a good pair, moved away and linked back
+    target = newest if planted == "model file" else newest.with_suffix(".json")
+    elsewhere = tmp_path / target.name
+    os.replace(target, elsewhere)
+    target.symlink_to(elsewhere)
+    said = []
+    assert checkpoint.latest(run_dir, say=said.append) == good
+    what = "it" if planted == "model file" else "its manifest"
+    assert said == [f"fastlaunch: skipping checkpoint {newest}: {what} is a symbolic link"], said
+    with pytest.raises(checkpoint.BadCheckpoint, match="is a symbolic link"):
+        checkpoint.load(newest)
+
+
+def test_a_checkpoints_folder_that_is_a_symbolic_link_is_refused_in_one_line(run_dir, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    good = checkpoint.save(_state(1), elsewhere, "epoch0-0")  # a good checkpoint of another folder's name
+    manifest = json.loads(good.with_suffix(".json").read_text())
+    good.with_suffix(".json").write_text(json.dumps({**manifest, "run": run_dir.name}))  # naming this run
+    folder = checkpoint.checkpoint_dir(run_dir)
+    folder.symlink_to(good.parent)
+    said = []
+    assert checkpoint.latest(run_dir, say=said.append) is None
+    assert said == [f"fastlaunch: skipping the checkpoints in {folder}: it is a symbolic link"], said
+    with pytest.raises(checkpoint.BadCheckpoint, match="is a symbolic link"):
+        checkpoint.load(folder / "epoch0-0.pt")
+    capsys.readouterr()
+    assert checkpoint.save(_state(2), run_dir, "epoch0-1") is None  # nothing written through the link
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fastlaunch: could not write checkpoint {folder}/epoch0-1.pt: {folder} is a symbolic link; "
+                   "the previous checkpoint is kept"], err
+    assert sorted(p.name for p in good.parent.iterdir()) == ["epoch0-0.json", "epoch0-0.pt"]
+
+
+def test_a_rank_told_to_resume_from_a_checkpoint_swapped_since_refuses_it_in_one_line(run_dir, tmp_path):
+    import dataclasses
+
+    from fastlaunch.env import DistEnv
+    from fastlaunch.errors import UsageError
+    from fastlaunch.rank.callbacks.checkpointing import resume_callbacks
+    from fastlaunch.rank.context import RankContext
+
+    good = checkpoint.save(_state(1), run_dir, "epoch0-0")
+    torch.save(_state(5), tmp_path / "other.pt")
+    os.replace(tmp_path / "other.pt", good)
+    ctx = RankContext(dataclasses.replace(DistEnv(), resume_from=good))
+    with pytest.raises(UsageError) as caught:
+        resume_callbacks(ctx, run=None)
+    line = str(caught.value)
+    assert "\n" not in line and line.startswith("fastlaunch: error: the checkpoint to resume from is refused where "
+                                                f"it is loaded (got {good}: it is truncated or corrupted")

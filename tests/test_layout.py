@@ -43,7 +43,7 @@ def test_the_rank_side_has_no_global_statement_no_private_learner_field_and_no_s
                 found.append(where)
             if collective.search(line) and path.name != "comm.py":
                 found.append(where)
-            if "os.environ" in line and path.name not in ("worker.py",):
+            if "os.environ" in line and path.name not in ("worker.py", "failure.py"):  # the engine's error file
                 found.append(where)
     assert not found, "\n".join(found)
 

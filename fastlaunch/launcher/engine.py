@@ -1,8 +1,10 @@
 """LaunchConfig -> torch elastic agent -> exit status, with rank 0 on the console and a failure summary."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import errno
 import logging
 import signal
 import socket
@@ -13,6 +15,7 @@ import uuid
 from .. import heartbeat
 from . import rendezvous
 from ..config import STOPPED_BY_SIGNAL, LaunchConfig
+from ..errors import UsageError
 from ..env import environ_overlay, launcher_environ, stop_marker_request
 from .autoresume import FINISHED
 from .bars import tidy_log
@@ -97,6 +100,21 @@ def _report(config: LaunchConfig, failed: list[int]) -> None:
         say(render_text(report))
 
 
+def _create_progress_file(progress: Path, local_ranks: int) -> None:
+    """The ranks' heartbeat file, its bytes allocated: a full disk is a HINT error here, not a SIGBUS later."""
+    try:
+        heartbeat.create(progress, local_ranks)
+    except OSError as err:
+        progress.unlink(missing_ok=True)
+        run_dir = progress.parent.parent
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            device, free = heartbeat.filesystem_of(run_dir)
+            raise UsageError(f"no space left on {device} for the run directory", f"{run_dir}: {free} bytes free",
+                             "free some space there, or pass --run-dir pointing elsewhere") from None
+        raise UsageError("cannot write the run directory", f"{progress}: {err.strerror or err}",
+                         "pass --run-dir pointing to a writable place") from None
+
+
 def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
     """Start the ranks through the elastic agent; return the job's exit status.
 
@@ -107,6 +125,12 @@ def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
+    progress = heartbeat.progress_file(config.run_dir)
+    try:
+        _create_progress_file(progress, config.nproc_per_node)
+    except UsageError as err:  # before any rank starts
+        print(err, file=sys.stderr)
+        return err.exit_code
     for note in config.notes:
         say(note)
     nodes = "" if not config.multi_node else (
@@ -126,8 +150,6 @@ def launch(config: LaunchConfig, listener: socket.socket | None = None) -> int:
         rendezvous.register()
         port = listener.getsockname()[1]
         rendezvous.hand_over(listener)
-    progress = heartbeat.progress_file(config.run_dir)
-    heartbeat.create(progress, config.nproc_per_node)
     watch = HangWatch(progress, config.hang_timeout)
     failwatch = FailureWatch(logs_specs.error_files, progress, on_failure=say_restart(config.max_restarts))
     environ = launcher_environ()

@@ -2,12 +2,16 @@
 so a rank that died is named as missing and never blocks the report)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import BinaryIO
 
 import json
+import os
 from statistics import mean, median
 from pathlib import Path
 
+from ..heartbeat import space_left
+from ..lines import launcher_line
 from .rundir import attempt_of
 from .diagnose import diagnose
 
@@ -40,7 +44,7 @@ def _slots(records: list[dict]) -> list[tuple[int, int, int]]:
     return sorted(seen, key=lambda k: (seen[k], k))
 
 
-def _plot(records: list[dict], path: Path, title: str = "", diagnoses: Sequence[str] = ()) -> None:
+def _plot(records: list[dict], path: Path | BinaryIO, title: str = "", diagnoses: Sequence[str] = ()) -> None:
     """report.png: step time, data wait and memory per epoch; one labelled line per rank (past 8 ranks, the
     spread as a band with the median and the slowest rank); y axes from zero; whole epoch numbers as the run
     numbered them (a resumed run keeps its own); fits and restarts marked; the diagnoses written below."""
@@ -95,8 +99,10 @@ def _plot(records: list[dict], path: Path, title: str = "", diagnoses: Sequence[
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     fig.text(0.01, 0.02, "\n".join(notes), fontsize=8, va="bottom", family="monospace")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=90, format="png")
+    finally:
+        plt.close(fig)
 
 
 def _title(run_dir: Path, records: list[dict], world_size: int) -> str:
@@ -137,11 +143,28 @@ def build_report(run_dir: Path, world_size: int, failed: Sequence[int] = (), ran
     """Write report.json and report.png; return the report. `failed`: ranks the launcher saw die;
     `ranks_per_node` (several nodes): missing ranks are named with their node."""
     report = assemble_report(run_dir, world_size, failed, ranks_per_node)
-    (Path(run_dir) / "report.json").write_text(json.dumps(report, indent=1))
-    if report["epochs"]:
-        _plot(report["epochs"], Path(run_dir) / "report.png", _title(Path(run_dir), report["epochs"], world_size),
-              report["diagnoses"])
+    run_dir = Path(run_dir)
+    written = _write_whole(run_dir / "report.json", lambda fh: fh.write(json.dumps(report, indent=1).encode()))
+    if written and report["epochs"]:  # (a disk too full for report.json has no room for the picture)
+        title = _title(run_dir, report["epochs"], world_size)
+        _write_whole(run_dir / "report.png", lambda fh: _plot(report["epochs"], fh, title, report["diagnoses"]))
     return report
+
+
+def _write_whole(path: Path, write: Callable[[BinaryIO], object]) -> bool:
+    """Write path under a temporary name, then rename it: on a write error (a full disk) the file is left as
+    it was, no temporary file stays, and one line says so."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+        return True
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        launcher_line(f"fastlaunch: could not write {path}: {err.strerror or err} ({space_left(path.parent)}); "
+                      "the report is on the console only")
+        return False
 
 
 def render_text(report: dict) -> str:

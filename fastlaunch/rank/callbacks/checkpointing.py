@@ -14,6 +14,9 @@ import torch
 
 from ... import checkpoint
 from ...config import stop_marker
+from ...errors import UsageError
+from ...heartbeat import space_left
+from ...lines import rank_warning
 from .base import LeanCallback
 from .placement import DistributedFit
 
@@ -30,7 +33,12 @@ def _resume_plan(ctx) -> dict | None:
         if path is None and denv.restart_count > 0 and denv.run_dir is not None:
             path = checkpoint.latest(denv.run_dir, say=ctx.say)
         if path is not None:
-            ctx.resume_plan = checkpoint.load(path)
+            try:
+                ctx.resume_plan = checkpoint.load(path)  # its hash checked again, on the bytes loaded
+            except checkpoint.BadCheckpoint as why:
+                raise UsageError("the checkpoint to resume from is refused where it is loaded", f"{path}: {why}",
+                                 "it changed after it was chosen: start again to resume from the newest good "
+                                 "checkpoint, and keep other writers out of the run directory") from None
             plan = ctx.resume_plan
             ctx.say(f"fastlaunch: resuming from {path} (fit {plan['fit_index']}, epoch {plan['epoch']}, "
                     f"{plan['iter']} batches done)")
@@ -116,7 +124,12 @@ def preempt_writer(ctx, learn, position: str) -> None:
     written = ctx.comm.broadcast_object(None if path is None else str(path))
     if denv.run_dir is not None:
         marker = stop_marker(denv.run_dir / "logs", denv.rank)
-        marker.write_text(json.dumps({"checkpoint": written, "position": position}))
+        try:
+            marker.write_text(json.dumps({"checkpoint": written, "position": position}))
+        except OSError as err:  # a full disk: the stop goes on, without the marker the launcher reads
+            marker.unlink(missing_ok=True)
+            rank_warning(f"fastlaunch: could not write the stop marker {marker}: {err.strerror or err} "
+                         f"({space_left(marker.parent)}); the launcher will not count this stop as checkpointed")
 
 
 class EpochCheckpoints(LeanCallback):

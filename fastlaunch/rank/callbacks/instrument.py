@@ -9,9 +9,13 @@ tells who arrived last), and sends its summary to rank 0 for the console table.
 from __future__ import annotations
 
 import json
+import os
 import time
+from pathlib import Path
 
 from ...device import probe_gpus
+from ...heartbeat import space_left
+from ...lines import rank_warning
 from ..instrument import memory, syncs
 from ..instrument.audit import SyncAudit
 from ..instrument.timing import Clock
@@ -69,7 +73,6 @@ class Instrument(LeanCallback):
             ctx.syncs.install()
         self._counter = ctx.syncs
         self._path = denv.run_dir / "metrics" / f"rank{denv.rank}.jsonl"
-        self._path.parent.mkdir(parents=True, exist_ok=True)
         self._visible = probe_gpus().count if denv.device_type == "cpu" else None
         self._clock = Clock(denv.device_type)
         self._audit = SyncAudit(denv.device_type, source=lambda: self._counter.source)  # first epoch, GPU ranks
@@ -146,17 +149,40 @@ class Instrument(LeanCallback):
                   "fit": run.index if run is not None else 0, "epoch": self.epoch,
                   "time": time.time(),
                   "device": denv.device_type, "visible_gpus": self._visible, "cores": denv.cpus_per_rank,
+                  "node_cores": denv.node_cores, "local_ranks": denv.local_world_size,
                   "epoch_end_wait": time.perf_counter() - start, **self._train,
                   **memory.sample(denv.device_type, denv.local_rank, nvml=self._nvml)}
-        with open(self._path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        self._append(self._path, record)
         summaries = comm.gather_to_rank_zero(record)
         for other in summaries or []:  # rank 0's run directory holds the whole world's records
             if other.get("node", 0) != denv.node_rank:
-                with open(self._path.parent / f"rank{other['rank']}.jsonl", "a") as fh:
-                    fh.write(json.dumps(other) + "\n")
+                self._append(self._path.parent / f"rank{other['rank']}.jsonl", other)
         if summaries is not None and denv.is_distributed:
             cells = "  ".join(f"r{s['rank']}: {s['step_time'] * 1000:.0f} ms, wait {s['data_wait_frac']:.0%}, "
                               f"{s['syncs_per_step']:.1f} syncs, {s['rss_mb']:.0f} MB" for s in summaries)
             self.ctx.say(f"fastlaunch: epoch {self.epoch} per rank | {cells}")
         del self._train
+
+    def _append(self, path: Path, record: dict) -> None:
+        """One record onto a metrics file, whole or not at all: on a full disk the file is cut back to what
+        it held, one line says so (once per file), and the run goes on without those figures."""
+        data = (json.dumps(record) + "\n").encode()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                start = os.lseek(fd, 0, os.SEEK_END)
+                try:
+                    while data:
+                        data = data[os.write(fd, data):]
+                except OSError:
+                    os.ftruncate(fd, start)
+                    raise
+            finally:
+                os.close(fd)
+        except OSError as err:
+            said, line = self.ctx.said, f"fastlaunch: could not write metrics to {path}"
+            if line not in said:
+                said.add(line)
+                rank_warning(f"{line}: {err.strerror or err} ({space_left(path.parent)}); training goes on, the "
+                             "report will lack these epochs")

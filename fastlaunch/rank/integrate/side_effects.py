@@ -89,25 +89,40 @@ def show_graph_rank_zero(ctx, p) -> None:
 @patch("fastai.callback.tracker.SaveModelCallback.after_fit", module="fastai.callback.tracker",
        assumes=("fastai.callback.tracker.SaveModelCallback.after_fit",))
 def save_model_reload_from_rank_zero(ctx, p) -> None:
-    """SaveModelCallback reloads the best model from a file only rank 0 wrote: on several machines
-    without a shared filesystem the others cannot read it. Rank 0 loads it and sends the weights."""
+    """SaveModelCallback reloads the best model with torch.load(weights_only=False), which would run whatever
+    a model file swapped in since it was saved holds: at every world size, fastai's own load_model reads it
+    with weights_only=True (fastai's containers allowed), and a file it refuses is one line (the model keeps
+    its last weights). With several ranks the file is one only rank 0 wrote (on several machines without a
+    shared filesystem the others cannot read it): rank 0 loads it and sends the weights."""
+    import pickle
+    import re
+
     import torch.distributed as dist
     from fastai.callback.tracker import SaveModelCallback
     from fastai.learner import load_model
     from fastcore.xtras import join_path_file
 
+    from ...lines import rank_warning
+
     original = SaveModelCallback.after_fit
 
     @functools.wraps(original)
     def after_fit(self, **kwargs):
-        if self.at_end or self.every_epoch or not ctx.env.is_distributed or not dist.is_initialized():
-            return original(self, **kwargs)
+        if self.at_end or self.every_epoch:
+            return original(self, **kwargs)  # no reload
         model = _unwrap(self.learn.model)
         if ctx.is_rank_zero:
             file = join_path_file(self.fname, self.learn.path / self.learn.model_dir, ext=".pth")
-            # fastai's own load: weights_only=True, with fastai's containers allowed
-            load_model(file, model, self.learn.opt, with_opt=self.with_opt, device=next(model.parameters()).device)
-        ctx.comm.broadcast_tensors([t.data for t in [*model.parameters(), *model.buffers()]], src=0)
+            try:
+                load_model(file, model, self.learn.opt, with_opt=self.with_opt, weights_only=True,
+                           device=next(model.parameters()).device)
+            except pickle.UnpicklingError as err:  # torch's refusal: the global it would not call, if named
+                found = re.search(r"GLOBAL ([\w.]+)", str(err))
+                why = found[1] if found else type(err).__name__
+                rank_warning(f"fastlaunch: not reloading the best model from {file}: it holds more than tensors "
+                             f"and plain data ({why}); the model keeps its last epoch's weights")
+        if ctx.env.is_distributed and dist.is_initialized():
+            ctx.comm.broadcast_tensors([t.data for t in [*model.parameters(), *model.buffers()]], src=0)
 
     p.set(SaveModelCallback, "after_fit", after_fit)
 
