@@ -24,17 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["Beat", "CallSite", "Heartbeat", "NoHeartbeat", "read_beats", "progress_file", "create", "open_slot", "SLOT",
-           "IN_FIT", "WAITING", "REACHED_GROUP", "JOINING_GROUP", "IN_COLLECTIVE", "filesystem_of", "space_left"]
+           "IN_FIT", "WAITING", "REACHED_GROUP", "JOINING_GROUP", "IN_COLLECTIVE", "OUTPUT_LOST", "filesystem_of", "space_left"]
 
 # time, counter, pid, global rank, epoch, iter, flags (1: in a fit, 2: waiting in a known wait,
-# 4: reached the process group, 8: joining it, i.e. waiting for its peers, 16: inside a collective), event name
+# 4: reached the process group, 8: joining it, i.e. waiting for its peers, 16: inside a collective, 32: its
+# output no longer fits in its log: the disk is full), event name
 _FORMAT = "<dqiiiii40s"
 _PACKER = struct.Struct(_FORMAT)
 SLOT = _PACKER.size
 _FLAGS_AT = struct.calcsize("<dqiiii")  # the flags field's offset in a slot
 _EVENT_AT = _FLAGS_AT + 4
 _FLAGS = struct.Struct("<i")
-IN_FIT, WAITING, REACHED_GROUP, JOINING_GROUP, IN_COLLECTIVE = 1, 2, 4, 8, 16
+IN_FIT, WAITING, REACHED_GROUP, JOINING_GROUP, IN_COLLECTIVE, OUTPUT_LOST = 1, 2, 4, 8, 16, 32
 
 
 def progress_file(run_dir: Path) -> Path:

@@ -230,3 +230,30 @@ def test_a_full_disk_at_a_stop_is_one_line_per_file_and_the_fit_goes_on(small_di
                       f"on tmpfs at {run_dir.parent}); the launcher will not count this stop as checkpointed"), err
     assert not marker.exists() and _no_temporaries(run_dir / "checkpoints")
 
+
+
+LOUD = '''\
+import os, sys, time
+from pathlib import Path
+for i in range(400):  # about 1 MB of output per rank: more than the disk holds
+    print(f"step {i} " + "x" * 2500, flush=(i % 50 == 0))
+sys.stderr.write("and some on stderr\\n")
+Path(os.environ["FL_OUT"], f"done{os.environ['RANK']}").write_text("trained on")
+'''
+
+
+def test_a_full_disk_under_the_logs_loses_output_not_the_run(small_disk, tmp_path):
+    """The ranks print more than the run directory's disk holds: each print would raise ENOSPC in the script;
+    the output is dropped instead, the launcher says so once per rank, and the script runs to its end."""
+    disk = small_disk(512 * 1024)
+    (tmp_path / "loud.py").write_text(LOUD)
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = run_fastlaunch(["--cpu", "2", "--run-dir", str(disk / "run"), "loud.py"], cwd=tmp_path,
+                          env={"FL_OUT": str(out)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "done0").exists() and (out / "done1").exists()
+    lost = [ln for ln in proc.stderr.splitlines() if "output no longer fits in its log" in ln]
+    assert len(lost) == 2 and all("bytes free on" in ln and "training goes on" in ln for ln in lost), proc.stderr
+    assert "Errno 28" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "could not write" in proc.stderr and "report.json" in proc.stderr  # the report's own one line

@@ -13,7 +13,8 @@ import threading
 import time
 from pathlib import Path
 
-from ..heartbeat import IN_COLLECTIVE, IN_FIT, JOINING_GROUP, REACHED_GROUP, WAITING, Beat, read_beats
+from ..heartbeat import IN_COLLECTIVE, IN_FIT, JOINING_GROUP, OUTPUT_LOST, REACHED_GROUP, WAITING, Beat, read_beats, space_left
+from ..lines import launcher_line
 
 __all__ = ["HangWatch", "find_hung"]
 
@@ -46,22 +47,29 @@ class HangWatch:
         self._group_seen_at: float | None = None
         self.verdict: tuple[Beat, str] | None = None  # (the hung rank's last beat, what happened)
         self.stack_taken = False  # whether the hung rank could dump its stack into its log
+        self._lost: set[int] = set()  # ranks whose lost output was said
 
     def __enter__(self) -> "HangWatch":
-        if self._timeout > 0:
-            self._thread.start()
+        self._thread.start()  # also with --hang-timeout 0: it tells of output a full disk loses
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+        try:  # output lost after the last look
+            self._tell_lost_output(read_beats(self._path))
+        except OSError:
+            pass
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             try:
                 beats = read_beats(self._path)
             except OSError:
+                continue
+            self._tell_lost_output(beats)
+            if self._timeout <= 0:
                 continue
             now = time.time()
             if self._group_seen_at is None and any(b.flags & (REACHED_GROUP | JOINING_GROUP) for b in beats):
@@ -70,6 +78,15 @@ class HangWatch:
             if found:
                 self._stop_job(found, beats)
                 return
+
+    def _tell_lost_output(self, beats: list[Beat]) -> None:
+        """Once per rank: its output no longer fits in its log (the rank goes on: rank/output_guard.py)."""
+        for beat in beats:
+            if beat.flags & OUTPUT_LOST and beat.rank not in self._lost:
+                self._lost.add(beat.rank)
+                launcher_line(f"fastlaunch: {beat.who}'s output no longer fits in its log under {self._path.parent}: "
+                              f"no space left ({space_left(self._path.parent)}); training goes on, its output is lost "
+                              "until space is freed")
 
     def _stop_job(self, found: tuple[Beat, str], beats: list[Beat]) -> None:
         culprit, why = found

@@ -21,6 +21,7 @@ import traceback  # noqa: E402
 
 from ..config import STOPPED_BY_SIGNAL  # noqa: E402
 from .failure import record_failure  # noqa: E402
+from .output_guard import guard_output  # noqa: E402
 
 __all__ = ["main", "arm_parent_death"]
 
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR2, all_threads=True)  # the launcher asks a hung rank for its stack
     ctx = RankContext(denv, open_slot(denv.run_dir, denv.local_rank, denv.rank))
     ctx.beats.follow(ctx.site)  # the callback running now, published twice a second for the hang watch
+    guard_output(ctx.beats)  # a full disk drops the log's output, not the training
     for sig in (signal.SIGTERM, signal.SIGUSR1):  # the engine forwards these: stop at an agreed batch
         signal.signal(sig, stop_signal_handler(ctx))
     from .patching import Installation
