@@ -65,3 +65,13 @@ def slurm_cluster():
         pytest.skip(f"the local Slurm cluster did not start: {proc.stderr.strip()[-500:]}")
     yield
     subprocess.run(["bash", str(SHARED_SLURM / "stop-local-slurm.sh")], capture_output=True, timeout=120)
+
+
+class Payload:
+    """What an attacker pickles: unpickling it would create the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))

@@ -14,22 +14,12 @@ import torch
 import yaml
 
 from fastlaunch import checkpoint
-from conftest import SCRIPTS
+from conftest import SCRIPTS, Payload
 
 
 def _state(epoch: int, size: int = 10) -> dict:
     return {"fit_index": 0, "epoch": epoch, "iter": 0, "n_epoch": 5, "time": time.time(),
             "model": {"w": torch.full((size,), float(epoch))}}
-
-
-class Payload:
-    """What an attacker pickles: unpickling it would create the marker file."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.fixture

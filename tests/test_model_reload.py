@@ -3,8 +3,6 @@ every world size, one rank included: a model file swapped for a pickle that runs
 and an ordinary run still ends with the best epoch's weights."""
 from __future__ import annotations
 
-import os
-
 import fastai.callback.all  # noqa: F401  (every module a patch changes, loaded: every patch applies at install)
 import pytest
 import torch
@@ -12,19 +10,11 @@ from fastai.basics import Callback, Datasets, Learner
 from fastai.callback.tracker import SaveModelCallback
 from torch import nn
 
+from conftest import Payload
+
 from fastlaunch.env import DistEnv
 from fastlaunch.rank import integrate
 from fastlaunch.rank.context import RankContext
-
-
-class Payload:
-    """What an attacker pickles: unpickling it would create the marker file."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.fixture
