@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from fastlaunch import checkpoint
+from fastlaunch.rank.snapshot import rng_states, set_rng
 from conftest import SCRIPTS, Payload
 
 
@@ -30,11 +31,11 @@ def run_dir(tmp_path):
 
 
 def test_a_checkpoint_is_plain_data_read_back_without_unpickling_code(run_dir):
-    path = checkpoint.save({**_state(1), "rng": checkpoint._rng()}, run_dir, "epoch0-0")
+    path = checkpoint.save({**_state(1), "rng": rng_states()}, run_dir, "epoch0-0")
     assert checkpoint.latest(run_dir) == path
     loaded = checkpoint.load(path)  # weights_only=True
     assert torch.equal(loaded["model"]["w"], torch.full((10,), 1.0))
-    checkpoint.set_rng(loaded["rng"])
+    set_rng(loaded["rng"])
 
 
 def test_a_crafted_checkpoint_is_refused_and_its_payload_never_runs(run_dir, tmp_path):

@@ -13,6 +13,7 @@ from functools import partial
 import torch
 
 from ... import checkpoint
+from ..snapshot import set_rng, snapshot
 from ...config import stop_marker
 from ...errors import UsageError
 from ...heartbeat import space_left
@@ -69,7 +70,7 @@ class ResumeFit(LeanCallback):
         plan, model = self.plan, getattr(self.learn.model, "module", self.learn.model)
         model.load_state_dict(plan["model"])
         self.learn.opt.load_state_dict(plan["opt"])
-        checkpoint.set_rng(plan["rng"])
+        set_rng(plan["rng"])
 
     def before_epoch(self):
         if self._epoch_restored:
@@ -118,7 +119,7 @@ def preempt_writer(ctx, learn, position: str) -> None:
     path = None
     if ctx.is_rank_zero:
         epoch, done = (learn.epoch, learn.iter) if position == "batch" else (learn.epoch + 1, 0)
-        path = checkpoint.save(checkpoint.snapshot(learn, run.index, epoch, done, denv.seed), denv.run_dir, "preempt")
+        path = checkpoint.save(snapshot(learn, run.index, epoch, done, denv.seed), denv.run_dir, "preempt")
         if path is not None:  # else save said why
             ctx.say(f"fastlaunch: stopped by a signal; checkpoint {path}")
     written = ctx.comm.broadcast_object(None if path is None else str(path))
@@ -147,6 +148,6 @@ class EpochCheckpoints(LeanCallback):
         denv = ctx.env
         if denv.checkpoint_every != "epoch" or not ctx.is_rank_zero or denv.run_dir is None or run is None:
             return
-        state = checkpoint.snapshot(self.learn, run.index, self.epoch + 1, 0, denv.seed)
+        state = snapshot(self.learn, run.index, self.epoch + 1, 0, denv.seed)
         checkpoint.save(state, denv.run_dir, f"epoch{run.index}-{self.epoch}")
         checkpoint.keep_last(denv.run_dir, denv.keep_checkpoints)
