@@ -339,3 +339,32 @@ def test_a_new_kernel_folder_is_private_and_dead_sessions_folders_go(tmp_path, m
     made = new_kernel_folder()
     assert made.parent == tmp_path and (made.stat().st_mode & 0o777) == 0o700 and not list(made.iterdir())
     assert not stale.exists() and live.exists()
+
+
+def test_a_rank_kernel_refuses_a_folder_others_could_have_prepared(tmp_path):
+    """A rank's kernel adopts a connection file it finds (with the key in it): it listens only in a private
+    folder of this user's (a directory, not a link, mode 0700) where no connection file is there yet."""
+    import tempfile
+
+    from fastlaunch.errors import UsageError
+    from fastlaunch.rank.kernel import fresh_connection_file, private_folder
+
+    good = Path(tempfile.mkdtemp(dir=tmp_path))
+    assert private_folder(good) == good and fresh_connection_file(good, 1) == good / "rank1.kernel.json"
+    (good / "rank1.kernel.json").write_text(json.dumps({"key": "theirs", "transport": "tcp"}))  # planted
+    with pytest.raises(UsageError, match="already holds a connection file"):
+        fresh_connection_file(good, 1)
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    link = tmp_path / "link"
+    link.symlink_to(good)
+    for bad in (shared, link, tmp_path / "missing"):
+        with pytest.raises(UsageError) as err:
+            private_folder(bad)
+        assert "HINT" in str(err.value) and str(bad) in str(err.value)
+    if os.geteuid() == 0:  # another user's folder, closed to everyone else: still not this user's
+        theirs = Path(tempfile.mkdtemp(dir=tmp_path))
+        os.chown(theirs, 65534, 65534)
+        with pytest.raises(UsageError, match="owner uid 65534"):
+            private_folder(theirs)

@@ -24,7 +24,7 @@ from typing import Any
 from ..errors import UsageError
 from ..notebooks import RANK_HELPERS, ready_path
 
-__all__ = ["serve", "facts", "free", "private_folder"]
+__all__ = ["serve", "facts", "free", "private_folder", "fresh_connection_file"]
 
 
 def _interrupt_handler(ctx):
@@ -92,6 +92,16 @@ def private_folder(folder: Path) -> Path:
     return folder
 
 
+def fresh_connection_file(where: Path, rank: int) -> Path:
+    """Where this rank's kernel writes its connection file: nothing may be there yet, since ipykernel adopts a
+    file it finds (and the key in it)."""
+    connection = where / f"rank{rank}.kernel.json"
+    if os.path.lexists(connection):
+        raise UsageError("the session's kernel folder already holds a connection file", str(connection),
+                         "start the session again (`%fastlaunch restart`): each session makes a fresh folder")
+    return connection
+
+
 def serve(ctx, folder: str) -> None:
     """Run this rank's kernel until the session shuts it down."""
     from ipykernel.ipkernel import IPythonKernel
@@ -105,10 +115,7 @@ def serve(ctx, folder: str) -> None:
             self.saved_sigint_handler = signal.signal(signal.SIGINT, on_interrupt)
 
     where = private_folder(Path(folder))
-    connection = where / f"rank{ctx.env.rank}.kernel.json"
-    if os.path.lexists(connection):  # ipykernel would adopt a file it finds (and its key): only a fresh one
-        raise UsageError("the session's kernel folder already holds a connection file", str(connection),
-                         "start the session again (`%fastlaunch restart`): each session makes a fresh folder")
+    connection = fresh_connection_file(where, ctx.env.rank)
     # ipc transport: each channel is a socket file in the private folder, which no other local user can
     # open (TCP on 127.0.0.1 would let any of them subscribe to every cell's output). quiet=False: every
     # rank's output is echoed into its log; parent_handle: no console banner.
