@@ -10,6 +10,7 @@ import collections
 import functools
 import itertools
 import pickle
+import time
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -217,6 +218,17 @@ class Comm:
             base = dist.TCPStore(denv.master_addr, denv.master_port, is_master=False, timeout=STORE_WAIT)
             self._store_client = dist.PrefixStore(f"fastlaunch/attempt{denv.restart_count}/", base)
         return self._store_client
+
+    def all_arrive(self, key: str, grace_s: float) -> bool:
+        """Count this rank at `key` on the store; True once every rank of the job is counted there within
+        grace_s (ranks that never come, e.g. waiting in a collective, make it False). No process group."""
+        store = self._store()
+        count = store.add(key, 1)
+        deadline = time.monotonic() + grace_s
+        while count < self.env.world_size and time.monotonic() < deadline:
+            time.sleep(0.02)
+            count = store.add(key, 0)
+        return count >= self.env.world_size
 
     def local_rank_zero_first(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
         """Run fn on each node's local rank 0 first; the node's other ranks wait on the store, then run it.

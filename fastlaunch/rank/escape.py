@@ -37,16 +37,6 @@ def exit_status(exc: BaseException) -> int:
     return 1
 
 
-def _every_rank_failed(store, key: str, world: int, grace_s: float) -> bool:
-    """Count this rank's escape; True when every rank's escape is counted within grace_s."""
-    count = store.add(key, 1)
-    deadline = time.monotonic() + grace_s
-    while count < world and time.monotonic() < deadline:
-        time.sleep(0.02)
-        count = store.add(key, 0)
-    return count >= world
-
-
 def settle(ctx, fit_index: int, exc: BaseException, grace_s: float = GRACE_S) -> None:
     """Called where an exception leaves a distributed fit: returns when every rank left it the same way
     (or when this is not a distributed run, or a zero exit); otherwise records the failure and exits."""
@@ -55,8 +45,7 @@ def settle(ctx, fit_index: int, exc: BaseException, grace_s: float = GRACE_S) ->
     if is_consequence_message(str(exc)):  # a peer died first: its death is the launcher's to name
         return
     try:
-        store = ctx.comm._store()
-        if _every_rank_failed(store, f"escaped_fit/{fit_index}", ctx.env.world_size, grace_s):
+        if ctx.comm.all_arrive(f"escaped_fit/{fit_index}", grace_s):
             return
     except Exception:  # no store to count on: the peers cannot be told, so this rank must not linger
         pass
