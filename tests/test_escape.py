@@ -6,6 +6,7 @@ import types
 
 import pytest
 
+from fastlaunch.errors import UsageError
 from fastlaunch.rank import escape
 
 
@@ -40,7 +41,8 @@ def test_every_rank_leaving_the_same_fit_goes_on_as_one_process(leaving):
 
 
 @pytest.mark.parametrize("exc, status", [(ValueError("only here"), 1), (SystemExit(3), 3), (SystemExit("why"), 1),
-                                         (KeyboardInterrupt(), 1)])
+                                         (KeyboardInterrupt(), 1),
+                                         (UsageError("a step skipped alone", 1, "cancel before backward"), 2)])
 def test_a_rank_leaving_alone_records_its_failure_and_leaves_with_its_status(leaving, exc, status):
     ctx, _ = _ctx(arrive=False)
     with pytest.raises(RuntimeError, match="left"):

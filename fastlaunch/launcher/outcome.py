@@ -29,6 +29,9 @@ def _message(failure) -> str:
     message), how it left."""
     if not _extra(failure):
         code = failure.exitcode
+        said = " ".join(str(failure.message or "").split())
+        if said and "To enable traceback" not in said:  # the engine's own words (a signal: "Signal 9 (SIGKILL)...")
+            return said
         if code < 0:
             try:
                 return f"killed by {signal.Signals(-code).name}"

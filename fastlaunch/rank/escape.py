@@ -20,6 +20,7 @@ import sys
 import time
 import traceback
 
+from ..errors import UsageError
 from ..records import is_consequence_message
 from .failure import record_failure
 
@@ -30,11 +31,11 @@ GRACE_S = 3.0  # how long a failing rank waits for its peers to fail in the same
 
 
 def exit_status(exc: BaseException) -> int:
-    """The status a process leaving with exc would have: SystemExit's code, else 1."""
+    """The status a process leaving with exc would have: SystemExit's code, a UsageError's 2, else 1."""
     if isinstance(exc, SystemExit):
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
-    return 1
+    return exc.exit_code if isinstance(exc, UsageError) else 1
 
 
 def settle(ctx, fit_index: int, exc: BaseException, grace_s: float = GRACE_S) -> None:
@@ -51,7 +52,9 @@ def settle(ctx, fit_index: int, exc: BaseException, grace_s: float = GRACE_S) ->
         pass
     status = exit_status(exc)
     record_failure(exc, status)  # the launcher's failure watch now stops every rank of the node, this one too
-    if not isinstance(exc, SystemExit):
+    if isinstance(exc, UsageError):  # a mistake the user made: its one line
+        print(exc, file=sys.stderr)
+    elif not isinstance(exc, SystemExit):
         traceback.print_exception(exc)
     print(f"fastlaunch: rank {ctx.env.rank} left fit {fit_index} with {type(exc).__name__} while its peers "
           "trained on; ending the job (the peers cannot continue without it)", file=sys.stderr)
