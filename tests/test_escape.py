@@ -57,3 +57,10 @@ def test_no_wait_for_a_clean_exit_one_process_or_a_peer_that_died_first(leaving,
     ctx, calls = _ctx(arrive=False, distributed=distributed)
     escape.settle(ctx, 0, exc)
     assert calls == [] and leaving == {}
+
+
+def test_the_grace_is_three_steps_within_half_a_second_and_three_before_a_first_step_the_longest():
+    assert escape.grace_for(10.0, 0) == escape.GRACE_S == 3.0
+    assert escape.grace_for(1.0, 100) == 0.5  # 10 ms steps
+    assert escape.grace_for(4.0, 10) == pytest.approx(1.2)  # 0.4 s steps
+    assert escape.grace_for(100.0, 10) == 3.0

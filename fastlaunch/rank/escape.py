@@ -8,7 +8,8 @@ session's kernel that shows the error and waits for the next cell would each lea
 the hang timeout, which then names a waiting rank.
 
 So the ranks count their escapes on the job's store. When every rank leaves the same fit with an exception
-within `GRACE_S` (the same bug everywhere: they are within a step of each other), the exception goes on as
+within a grace (3 steps, 0.5 to 3 s: the same bug everywhere, and the ranks are within a step of each other
+once training runs), the exception goes on as
 in one process: the script may catch it, a session shows it and lives on. Otherwise this rank writes its
 failure record and leaves at once with the exception's status; the launcher's failure watch stops the
 peers within a second, names this rank and shows its traceback.
@@ -24,10 +25,20 @@ from ..errors import UsageError
 from ..records import is_consequence_message
 from .failure import record_failure
 
-__all__ = ["GRACE_S", "settle", "exit_status"]
+__all__ = ["GRACE_S", "settle", "exit_status", "grace_for"]
 
 _KILL_WAIT_S = 10.0
-GRACE_S = 3.0  # how long a failing rank waits for its peers to fail in the same fit (a hang guard, not a timing)
+GRACE_S = 3.0  # the longest a failing rank waits for its peers to fail in the same fit (a guard, not a timing)
+_MIN_GRACE_S = 0.5
+
+
+def grace_for(elapsed_s: float, steps: int) -> float:
+    """How long to wait for peers failing alike: after a first step the ranks move in step (every step ends in
+    a gradient all-reduce), so peers failing the same way come within a step: 3 steps, from 0.5 to 3 s.
+    Before one, the ranks may be seconds apart (setup): the longest."""
+    if steps < 1:
+        return GRACE_S
+    return min(GRACE_S, max(_MIN_GRACE_S, 3 * elapsed_s / steps))
 
 
 def exit_status(exc: BaseException) -> int:

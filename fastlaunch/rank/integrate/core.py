@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import time
 
 from ..patching import patch
 from .dispatch import observed_call_one
@@ -35,7 +36,7 @@ def fit_opens_a_fit_run(ctx, p) -> None:
 
     from ..callbacks.checkpointing import resume_callbacks
     from ..callbacks.placement import DistributedFit
-    from ..escape import settle
+    from ..escape import grace_for, settle
 
     original = Learner.fit
 
@@ -50,6 +51,8 @@ def fit_opens_a_fit_run(ctx, p) -> None:
                 run.depth -= 1
         _ensure_callbacks(self, ctx.callback_classes)
         run = ctx.open_fit(self)
+        started = time.monotonic()
+        self.train_iter = 0  # as fastai's before_fit sets it: a fit that fails before counts no earlier fit's steps
         try:
             extra = resume_callbacks(ctx, run)
             if extra is None:  # finished before the checkpoint this run resumes from
@@ -57,7 +60,8 @@ def fit_opens_a_fit_run(ctx, p) -> None:
             with self.added_cbs(extra):
                 result = original(self, *args, **kwargs)
         except BaseException as exc:
-            settle(ctx, run.index, exc)  # on this rank alone: the job ends here, naming it (escape.py)
+            grace = grace_for(time.monotonic() - started, getattr(self, "train_iter", 0))
+            settle(ctx, run.index, exc, grace)  # on this rank alone: the job ends here, naming it (escape.py)
             for cb in self.cbs:  # fastai skips after_fit when a fit fails: the model and loaders come back
                 if isinstance(cb, DistributedFit):  # as one process has them
                     cb.after_fit()
