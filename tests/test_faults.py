@@ -263,18 +263,10 @@ def test_a_rank_that_leaves_the_fit_alone_is_named_and_the_job_ends(tmp_path, fa
     assert not _survivors(procs, limit=10)
 
 
-@pytest.mark.parametrize("fault", ["everywhere", "everywhere_caught"])
-def test_the_same_error_on_every_rank_is_one_process_s_error(tmp_path, fault):
-    """Every rank raises the same error in the fit: uncaught, a rank with its own record is named and the job
-    exits 1 (never 75, which would requeue a broken script); caught by the script, training goes on as in one
-    process and the job succeeds."""
-    proc, out = _start(tmp_path, fault)
+def test_the_same_error_on_every_rank_caught_by_the_script_goes_on_as_in_one_process(tmp_path):
+    """Every rank raises the same error in the fit and the script catches it: training goes on as in one
+    process and the job succeeds (uncaught, the blame is test_logs_engine's: never a stopped rank, never 75)."""
+    proc, out = _start(tmp_path, "everywhere_caught")
     stdout, stderr = proc.communicate(timeout=150)
-    if fault == "everywhere_caught":
-        assert proc.returncode == 0, stderr
-        assert "rank 0 caught:" in stdout and "rank 0 gives up like every rank" in stdout, stdout
-        return
-    first = [line for line in stderr.splitlines() if " failed (exit code" in line]
-    assert first and "gives up like every rank" in first[0] and "exit code 1" in first[0], stderr
-    assert "To enable traceback" not in stderr and "exit code 75" not in stderr
-    assert proc.returncode == 1
+    assert proc.returncode == 0, stderr
+    assert "rank 0 caught:" in stdout and "rank 0 gives up like every rank" in stdout, stdout

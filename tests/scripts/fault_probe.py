@@ -9,7 +9,7 @@ Failure points, each on rank 1 alone (the other rank goes on into its next colle
 function), worker (a DataLoader worker), transform (a batch transform), before_fit, validation (a callback
 during validation), after_fit, stop (a callback failing on the agreed-stop path after a CancelFitException).
 Leaving the fit: exit (sys.exit(3) on rank 1), caught (rank 1 raises, the script catches it and carries on
-outside the fit), everywhere (every rank raises the same error), everywhere_caught (and the script catches it).
+outside the fit), everywhere_caught (every rank raises the same error and the script catches it).
 $FL_LINGER makes the failing process linger after its failure: atexit (a handler that waits, as upload
 handlers do) or thread (a non-daemon thread that sleeps)."""
 import atexit
