@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     # Counted without fastlaunch's instrumentation, which would share the counters.
     counts = {FL: run_once(two[FL_OFF][0], {**two[FL_OFF][1], "BENCH_COUNT": "1"}, items),
               TR_FASTAI: run_once(two[TR_FASTAI][0], {**two[TR_FASTAI][1], "BENCH_COUNT": "1"}, items)}
-    probed = {FL: run_once(two[FL][0], {**two[FL][1], "BENCH_PROBE": "1"}, items)}  # instrumentation on
-    hooks = run_once(two[FL][0], {**two[FL][1], "BENCH_HOOKS": "1"}, items)
+    probed = {FL: run_once(two[FL][0], {**two[FL][1], "BENCH_PROBE": "1", **({"BENCH_HOOKS": "1"} if args.quick else {})},
+                           items)}  # instrumentation on; --quick: the hook costs from the same run (figures unchecked)
+    hooks = probed[FL] if args.quick else run_once(two[FL][0], {**two[FL][1], "BENCH_HOOKS": "1"}, items)
     fault_peers = (FL,) if args.quick else (FL, TR_FASTAI)  # --quick checks the harness: fastlaunch's side is enough
     faults = {name: [fault_to_exit(*two[name], max(items, 2048)) for _ in range(rounds)] for name in fault_peers}
     orphans = {name: left_after_sigkill(*two[name], items) for name in fault_peers}

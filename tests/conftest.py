@@ -75,3 +75,15 @@ class Payload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+    """The resume probe's 4 epochs on 2 CPU ranks with --seed 11, never stopped: what every resumed run
+    (test_resume.py, test_slurm.py) must end with. Rank 0's record."""
+    cwd = tmp_path_factory.mktemp("whole")
+    (cwd / "out").mkdir()
+    proc = run_fastlaunch(["--cpu", "2", "--seed", "11", SCRIPTS / "resume_probe.py"], cwd,
+                          env={"FL_PROBE_OUT": str(cwd / "out"), "FL_MODE": "plain"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((cwd / "out" / "rank0.json").read_text())

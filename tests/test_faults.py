@@ -179,13 +179,12 @@ def test_rank_zero_extracting_longer_than_the_hang_timeout_is_not_a_hang(tmp_pat
 
 @pytest.mark.parametrize("fault, linger, said", [
     ("raise", "atexit", "rank 1 gives up"),
-    ("raise", "thread", "rank 1 gives up"),
     ("loss", "atexit", "rank 1's loss function fails"),
     ("worker", "atexit", "rank 1's DataLoader worker fails"),
     ("transform", "atexit", "rank 1's batch transform fails"),
     ("before_fit", "atexit", "rank 1 fails in before_fit"),
     ("validation", "atexit", "rank 1 fails during validation"),
-    ("after_fit", "atexit", "rank 1 fails in after_fit"),
+    ("after_fit", "thread", "rank 1 fails in after_fit"),
     ("stop", "atexit", "rank 1 fails on the agreed stop"),
 ])
 def test_a_failure_that_lingers_still_ends_the_job_at_once(tmp_path, fault, linger, said):

@@ -80,16 +80,6 @@ def test_sigterm_mid_epoch_checkpoints_and_resume_finishes_the_plan(tmp_path):
     assert r0["lrs"] == pytest.approx(uninterrupted["lrs"], abs=1e-9)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """The probe's 4 epochs with --seed 11, never stopped: what every resumed run must end with."""
-    cwd = tmp_path_factory.mktemp("whole")
-    (cwd / "out").mkdir()
-    proc = _run(["--cpu", "2", "--seed", "11", SCRIPT], cwd, cwd / "out", "plain")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return _ranks(cwd / "out")[0]
-
-
 def _as_notebook(folder):
     """The probe as a notebook (the session lines, then the script in one cell)."""
     cells = ["%load_ext fastlaunch\n%fastlaunch --cpu 2", SCRIPT.read_text()]

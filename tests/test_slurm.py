@@ -136,19 +136,6 @@ def _job_field(job_id: str, field: str) -> str:
     return next((part.split("=", 1)[1] for part in shown.split() if part.startswith(f"{field}=")), "")
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """The resume probe's 4 epochs on 2 CPU ranks with --seed 11, never stopped."""
-    cwd = tmp_path_factory.mktemp("whole")
-    (cwd / "out").mkdir()
-    env = {**os.environ, "FL_PROBE_OUT": str(cwd / "out"), "FL_MODE": "plain"}
-    proc = subprocess.run([sys.executable, "-m", "fastlaunch", "--cpu", "2", "--seed", "11",
-                           str(SCRIPTS / "resume_probe.py")], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((cwd / "out" / "rank0.json").read_text())
-
-
 @pytest.mark.parametrize("nodes, ranks", [(1, "2"), (2, "1")])
 def test_a_job_stopped_by_usr1_requeues_itself_and_resumes_to_the_uninterrupted_weights(
         tmp_path, slurm_cluster, uninterrupted, nodes, ranks):

@@ -46,6 +46,6 @@ if hooking:
 
     hooks = HookCost(learn)
 learn.fit(1, 1e-3)
-extra = ({**(counts.per_step() if counting else {}), **(probe.per_step() if probing else {})} if probing
-         else hooks.measure() if hooking else None)
+extra = ({**(counts.per_step() if counting else {}), **(probe.per_step() if probing else {}),
+          **(hooks.measure() if hooking else {})} if probing else hooks.measure() if hooking else None)
 clock.write(os.environ.get("BENCH_TAG", "fastai"), extra)
