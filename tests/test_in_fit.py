@@ -80,7 +80,7 @@ def _within(a: float, b: float, factor: float) -> bool:
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_lr_find_sweeps_one_process_range_and_its_suggestions_are_within_3x(runs, two_ranks, four_ranks_lr_find, world):
+def test_lr_find_sweeps_one_process_range_and_its_suggestions_fall_in_its_spread(runs, two_ranks, four_ranks_lr_find, world):
     ranks = two_ranks("lr_find") if world == 2 else four_ranks_lr_find
     one = runs.one("lr_find")
     for r in ranks[1:]:
@@ -88,8 +88,9 @@ def test_lr_find_sweeps_one_process_range_and_its_suggestions_are_within_3x(runs
     got = ranks[0]
     # the sweep reaches one process's end of range (it stopped at a fraction of it: 56 of ~94 steps)
     assert got["steps"] >= one["steps"] - 5 and _within(got["last_lr"], one["last_lr"], 3), (got, one)
-    for suggestion in ("valley", "minimum"):
-        assert _within(got[suggestion], one[suggestion], 3), (suggestion, got[suggestion], one[suggestion])
+    for suggestion in ("valley", "minimum"):  # within one process's spread over 5 data orders, widened 2x
+        spread = one[f"{suggestion}s"]
+        assert min(spread) / 2 <= got[suggestion] <= max(spread) * 2, (suggestion, got[suggestion], spread)
 
 
 def test_a_callback_that_switches_itself_off_during_lr_find_runs_in_the_next_fit(runs, two_ranks):
