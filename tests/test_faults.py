@@ -177,6 +177,23 @@ def test_rank_zero_extracting_longer_than_the_hang_timeout_is_not_a_hang(tmp_pat
     assert "hung" not in proc.stderr
 
 
+def _run_lingering(tmp_path, fault, linger):
+    """The fault probe on 2 ranks with rank 1 lingering after its failure; (the launcher, every process of the
+    job seen, the launcher's stderr). The communicate timeout is a hang guard only."""
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "fastlaunch", "--cpu", "2", str(FAULT)], cwd=tmp_path,
+                            env={**_env(out, fault), "FL_LINGER": linger}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    procs = _wait_ready(proc, out, ranks=0)
+    try:
+        _, stderr = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc, procs, stderr
+
+
 @pytest.mark.parametrize("fault, linger, said", [
     ("raise", "atexit", "rank 1 gives up"),
     ("loss", "atexit", "rank 1's loss function fails"),
@@ -191,17 +208,7 @@ def test_a_failure_that_lingers_still_ends_the_job_at_once(tmp_path, fault, ling
     """The failing rank would live for an hour (an atexit handler, a non-daemon thread) while rank 0 waits
     for it in a collective: the failure record alone ends the job. The communicate timeout is a hang
     guard only; without the failure watch the job ends after the hour."""
-    out = tmp_path / "out"
-    out.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "fastlaunch", "--cpu", "2", str(FAULT)], cwd=tmp_path,
-                            env={**_env(out, fault), "FL_LINGER": linger}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    procs = _wait_ready(proc, out, ranks=0)
-    try:
-        _, stderr = proc.communicate(timeout=150)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    proc, procs, stderr = _run_lingering(tmp_path, fault, linger)
     first = [line for line in stderr.splitlines() if " failed (exit code" in line]
     assert first and first[0].startswith("fastlaunch: rank 1 failed (exit code 1)") and said in first[0], stderr
     assert "fastlaunch: rank 1's traceback:" in stderr and "fault_probe.py" in stderr
@@ -244,17 +251,7 @@ def test_a_rank_that_leaves_the_fit_alone_is_named_and_the_job_ends(tmp_path, fa
     """sys.exit(3) inside a fit while an atexit handler lingers, or an exception the script catches and
     carries on past: the peer waits in the all-reduce; the rank that left is named (never the waiting one),
     with its own status, within the hang guard (no hang timeout: --hang-timeout stays 600 s)."""
-    out = tmp_path / "out"
-    out.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "fastlaunch", "--cpu", "2", str(FAULT)], cwd=tmp_path,
-                            env={**_env(out, fault), "FL_LINGER": "atexit"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    procs = _wait_ready(proc, out, ranks=0)
-    try:
-        _, stderr = proc.communicate(timeout=150)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    proc, procs, stderr = _run_lingering(tmp_path, fault, "atexit")
     first = [line for line in stderr.splitlines() if " failed (exit code" in line]
     assert first and first[0].startswith(f"fastlaunch: rank 1 failed (exit code {status})") and said in first[0], stderr
     assert "hung" not in stderr and "rank 0 failed" not in stderr and "To enable traceback" not in stderr
